@@ -1,0 +1,205 @@
+"""Batch statistics: one pass over the data, stable, masked, exact across devices.
+
+The statistics of features ``x`` over the reduction axes are computed from
+shifted sums. With ``K`` one sample of ``x`` per feature and ``n`` the number
+of valid entries::
+
+    S1 = sum(x - K)      S2 = sum((x - K)^2)
+    mean = K + S1 / n    M2 = S2 - S1^2 / n    var = M2 / n
+
+Both sums are taken in one pass. Unlike ``E[x^2] - E[x]^2`` the cancellation
+in ``M2`` is only as large as ``(mean - K)^2 / var``, a small number because
+``K`` is drawn from the data itself, so the error does not grow with the
+data's offset. Devices combine their ``(n, mean, M2)`` with Chan's parallel
+formula, weighted by their counts, in one collective.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _fused
+from jaxbn import _validation
+
+AxisName = Any  # a hashable axis name, or a tuple of them.
+
+
+class Moments(NamedTuple):
+  """Per-feature moments, with size-1 reduction axes kept for broadcasting.
+
+  The mean is held as ``shift + delta`` with ``shift`` a sample of the data:
+  ``x - shift`` and ``delta`` are small and exact even where ``mean`` itself
+  would round (float32 has a spacing of 1e-3 near 1e4).
+  """
+
+  count: jax.Array  # number of valid entries.
+  shift: jax.Array  # K: a sample of this device's data.
+  delta: jax.Array  # mean - K.
+  m2: jax.Array  # sum of squared deviations from the mean over the valid entries.
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.shift + self.delta
+
+  @property
+  def var(self) -> jax.Array:
+    return self.m2 / jnp.maximum(self.count, 1)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """Reductions run in at least float32, whatever the input's precision."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
+  """Returns ``K``: per feature, the first valid entry of ``x`` (0 if none).
+
+  Any value gives exact statistics; one drawn from the data keeps the
+  cancellation in ``M2`` small. Gradients do not flow through ``K``: the
+  statistics do not depend on it.
+  """
+  if mask is None:
+    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+    return lax.stop_gradient(x[first])
+  valid = jnp.broadcast_to(mask, x.shape)
+  for ax in axes:
+    index = jnp.argmax(valid, axis=ax, keepdims=True)
+    x = jnp.take_along_axis(x, index, axis=ax)
+    valid = jnp.take_along_axis(valid, index, axis=ax)
+  return lax.stop_gradient(jnp.where(valid, x, jnp.zeros_like(x)))
+
+
+def local_moments(
+    x: jax.Array, axes: tuple[int, ...], mask, *, implementation: str
+) -> Moments:
+  """Moments of ``x`` on this device.
+
+  Args:
+    x: input in the compute dtype.
+    axes: the reduction axes.
+    mask: ``None`` or a boolean array broadcastable to ``x``.
+    implementation: ``"fused"`` differentiates the sums with a custom rule that
+      keeps only ``x`` as residual; ``"reference"`` uses plain autodiff.
+
+  Returns:
+    ``Moments`` with size-1 reduction axes.
+  """
+  shift = _first_valid_sample(x, axes, mask)
+  sums = _fused.shifted_sums if implementation == "fused" else _fused.shifted_sums_reference
+  s1, s2 = sums(axes, x, shift, mask)
+  if mask is None:
+    count = jnp.full(s1.shape, x.size // s1.size, x.dtype)
+  else:
+    count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, keepdims=True, dtype=x.dtype)
+  delta = s1 / jnp.maximum(count, 1)
+  # S2 - S1^2/n is >= 0 in exact arithmetic; clamp the rounding.
+  return Moments(count, shift, delta, jnp.maximum(s2 - s1 * delta, 0))
+
+
+def all_reduce_moments(
+    moments: Moments, axis_name: AxisName | None, axis_index_groups
+) -> Moments:
+  """Combines the moments of all devices along ``axis_name`` (Chan et al., 1979).
+
+  One ``all_gather`` of ``(n_i, K_i, delta_i, M2_i)`` per step; then, relative
+  to this device's shift ``K``, with ``d_i = (K_i - K) + delta_i`` and
+  ``n = sum n_i``::
+
+      delta = sum(n_i d_i) / n
+      M2 = sum(M2_i + n_i (d_i - delta)^2)
+
+  Exact whatever the number of valid entries on each device, zero included.
+  """
+  if axis_name is None:
+    return moments
+  _validation.check_axis_name(axis_name)
+  stacked = jnp.stack(jnp.broadcast_arrays(*moments))
+  gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+  counts, shifts, deltas, m2s = jnp.moveaxis(gathered.reshape((-1,) + stacked.shape), 1, 0)
+  deltas = (shifts - moments.shift) + deltas
+  count = jnp.sum(counts, axis=0)
+  delta = jnp.sum(counts * deltas, axis=0) / jnp.maximum(count, 1)
+  m2 = jnp.sum(m2s + counts * jnp.square(deltas - delta), axis=0)
+  return Moments(count, moments.shift, delta, m2)
+
+
+def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(shape[i] for i in feature_axes)
+
+
+def reduction_axes(ndim: int, feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i not in feature_axes)
+
+
+def batch_stats(
+    x: jax.typing.ArrayLike,
+    axis: _validation.Axis = -1,
+    *,
+    mask: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance of ``x`` over every axis but the feature axes.
+
+  With ``R`` the entries of the reduction axes that ``mask`` keeps (on every
+  device along ``axis_name``), for each feature ``c``::
+
+      mean[c] = 1/|R| sum_{r in R} x[r, c]
+      var[c] = 1/|R| sum_{r in R} (x[r, c] - mean[c])^2
+
+  computed in one pass with shifted sums (see the module docstring): the
+  error does not grow with the data's offset.
+
+  Args:
+    x: floating-point array, e.g. ``(N, H, W, C)``.
+    axis: the feature axis or axes, which are kept (Keras/Flax meaning);
+      negative values count from the end.
+    mask: optional boolean array broadcastable to ``x``; entries where it is
+      False do not count at all.
+    axis_name: optional name (or tuple of names) of a mapped axis (``vmap``,
+      ``pmap``, ``shard_map``) over which the batch is split; statistics are
+      then those of the whole batch.
+    axis_index_groups: optional groups of indices along ``axis_name`` that
+      compute statistics separately, as in ``jax.lax.psum``.
+
+  Returns:
+    ``(mean, var)``, each of the feature shape (``x.shape`` at ``axis``), in
+    float32 for half-precision inputs and in ``x.dtype`` otherwise. A feature
+    with no valid entry gets mean 0 and variance 0.
+
+  Raises:
+    TypeError: if ``x`` is not floating point or ``mask`` is not boolean.
+    ValueError: if ``axis`` is out of range or repeated, or ``mask`` does not
+      broadcast to ``x``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> mean, var = jaxbn.batch_stats(jnp.array([[1., 10.], [3., 30.]]))
+    >>> mean, var
+    (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
+  """
+  _validation.check_input(x)
+  x = jnp.asarray(x)
+  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
+  _validation.check_mask(mask, x.shape)
+  moments = global_moments(
+      x.astype(compute_dtype(x.dtype)),
+      feature_axes,
+      mask,
+      axis_name,
+      axis_index_groups,
+      implementation="fused",
+  )
+  shape = feature_shape(x.shape, feature_axes)
+  return moments.mean.reshape(shape), moments.var.reshape(shape)
+
+
+def global_moments(
+    x, feature_axes, mask, axis_name, axis_index_groups, *, implementation
+) -> Moments:
+  """Moments over the whole batch (all devices), relative to this device's shift."""
+  axes = reduction_axes(x.ndim, feature_axes)
+  local = local_moments(x, axes, mask, implementation=implementation)
+  return all_reduce_moments(local, axis_name, axis_index_groups)

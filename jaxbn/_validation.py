@@ -1,0 +1,131 @@
+"""Trace-time checks that turn bad input into errors that say how to fix it.
+
+Every check here looks only at static properties (shapes, dtypes, Python
+numbers), so it runs once while tracing and costs nothing at run time.
+"""
+
+from collections.abc import Sequence
+from numbers import Real
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+Axis = int | Sequence[int]
+
+
+def canonicalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+  """Returns the feature axes as sorted non-negative ints.
+
+  Raises:
+    TypeError: if an entry of ``axis`` is not an int.
+    ValueError: if an entry is out of range for an array of rank ``ndim`` or
+      appears twice.
+  """
+  axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
+  if not axes:
+    raise ValueError(f"`{name}` must name at least one feature axis, got {axis!r}.")
+  positive = []
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, int | np.integer):
+      raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"`{name}`={axis!r} is out of range for an input of rank {ndim}: "
+          f"each entry must lie in [{-ndim}, {ndim - 1}]."
+      )
+    positive.append(int(a) % ndim)
+  if len(set(positive)) != len(positive):
+    raise ValueError(
+        f"`{name}`={axis!r} names the same axis twice (as {sorted(positive)} "
+        f"for an input of rank {ndim}); give each feature axis once."
+    )
+  return tuple(sorted(positive))
+
+
+def check_input(x: Any, name: str = "x") -> None:
+  """Checks that ``x`` is a floating-point array of rank at least 1."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"`{name}` must be a floating-point array (float32, bfloat16, float16 or "
+        f"float64), got dtype {dtype}; cast it first, e.g. `{name}.astype(jnp.float32)`."
+    )
+  if jnp.ndim(x) == 0:
+    raise ValueError(f"`{name}` must have at least one axis, got a scalar.")
+
+
+def check_per_feature(value: Any, feature_shape: tuple[int, ...], name: str) -> None:
+  """Checks that a per-feature array (scale, bias, mean, var) has the feature shape."""
+  if value is None:
+    return
+  shape = tuple(jnp.shape(value))
+  if shape != feature_shape:
+    raise ValueError(
+        f"`{name}` has shape {shape}, but the feature shape of the input along "
+        f"`axis` is {feature_shape}; `{name}` must have exactly that shape."
+    )
+  dtype = jnp.result_type(value)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"`{name}` must be floating point, got dtype {dtype}.")
+
+
+def check_state(state: Any, feature_shape: tuple[int, ...]) -> None:
+  """Checks a ``BatchNormState`` against the feature shape of the input."""
+  fields = ("mean", "var", "count")
+  if not all(hasattr(state, f) for f in fields):
+    raise TypeError(
+        "`state` must be a BatchNormState(mean, var, count), e.g. from "
+        f"`jaxbn.init_state({feature_shape})`, got {type(state).__name__}."
+    )
+  for field in ("mean", "var"):
+    check_per_feature(getattr(state, field), feature_shape, f"state.{field}")
+  if jnp.shape(state.count) != ():
+    raise ValueError(
+        f"`state.count` must be a scalar, got shape {jnp.shape(state.count)}."
+    )
+
+
+def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
+  """Checks that ``mask`` is boolean and broadcasts to the input's shape."""
+  if mask is None:
+    return
+  mask_shape = tuple(jnp.shape(mask))
+  try:
+    broadcast = np.broadcast_shapes(mask_shape, x_shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != x_shape:
+    raise ValueError(
+        f"`mask` has shape {mask_shape}, which does not broadcast to the input "
+        f"shape {x_shape}; give a boolean mask of shape {x_shape} or one with "
+        "size-1 axes where it is constant."
+    )
+  if jnp.result_type(mask) != jnp.bool_:
+    raise TypeError(
+        f"`mask` must be boolean (True marks the entries that count), got dtype "
+        f"{jnp.result_type(mask)}."
+    )
+
+
+def check_fraction(value: Any, name: str, low: float, high: float) -> None:
+  """Checks a Python number lies in [low, high]; traced values pass unchecked."""
+  if isinstance(value, Real) and not low <= value <= high:
+    raise ValueError(f"`{name}` must lie in [{low}, {high}], got {value}.")
+
+
+def check_axis_name(axis_name: Any) -> None:
+  """Checks that every name in ``axis_name`` is bound by an enclosing map."""
+  from jax import lax
+
+  for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+    try:
+      lax.axis_size(name)
+    except NameError:
+      raise NameError(
+          f"`axis_name`={axis_name!r}: the axis {name!r} is not bound. Call batch "
+          f"norm inside a map that defines it, e.g. `jax.vmap(f, axis_name={name!r})`, "
+          f"`jax.shard_map(f, mesh=mesh, in_specs=P({name!r}), out_specs=...)` or "
+          f"`jax.pmap(f, axis_name={name!r})`; or pass `axis_name=None` for "
+          "statistics of the local batch (sharded `jax.jit` needs no axis name)."
+      ) from None

@@ -1,0 +1,67 @@
+"""Float64 NumPy references for the numerical contract, and per-dtype tolerances."""
+
+import numpy as np
+import jax.numpy as jnp
+
+# Absolute tolerances on normalized outputs (unit scale) and on statistics
+# relative to the data's spread, per input dtype.
+TOLERANCE = {
+    jnp.dtype(jnp.float64): 1e-10,
+    jnp.dtype(jnp.float32): 2e-5,
+    jnp.dtype(jnp.bfloat16): 4e-2,
+    jnp.dtype(jnp.float16): 4e-3,
+}
+
+
+def tolerance(dtype) -> float:
+  return TOLERANCE[jnp.dtype(dtype)]
+
+
+def feature_axes(axis, ndim):
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def reduction_axes(axis, ndim):
+  kept = feature_axes(axis, ndim)
+  return tuple(i for i in range(ndim) if i not in kept)
+
+
+def batch_stats(x, axis=-1, mask=None):
+  """Mean and biased variance over the non-feature axes, in float64."""
+  x = np.asarray(x, np.float64)
+  red = reduction_axes(axis, x.ndim)
+  w = np.ones_like(x) if mask is None else np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+  n = w.sum(axis=red)
+  mean = (w * x).sum(axis=red) / np.maximum(n, 1)
+  mean_b = np.expand_dims(mean, red)
+  var = (w * (x - mean_b) ** 2).sum(axis=red) / np.maximum(n, 1)
+  return mean, var
+
+
+def expand(v, axis, ndim):
+  return np.expand_dims(np.asarray(v, np.float64), reduction_axes(axis, ndim))
+
+
+def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
+  x = np.asarray(x, np.float64)
+  nd = x.ndim
+  y = (x - expand(mean, axis, nd)) / np.sqrt(expand(var, axis, nd) + epsilon)
+  if scale is not None:
+    y = y * expand(scale, axis, nd)
+  if bias is not None:
+    y = y + expand(bias, axis, nd)
+  return y
+
+
+def batch_norm(x, mean, var, count, scale=None, bias=None, *, training, axis=-1,
+               momentum=0.99, epsilon=1e-5, mask=None):
+  """Returns (y, (new_mean, new_var, new_count)) in float64."""
+  if not training:
+    return normalize(x, mean, var, scale, bias, axis, epsilon), (mean, var, count)
+  bm, bv = batch_stats(x, axis, mask)
+  y = normalize(x, bm, bv, scale, bias, axis, epsilon)
+  new = (momentum * np.asarray(mean, np.float64) + (1 - momentum) * bm,
+         momentum * np.asarray(var, np.float64) + (1 - momentum) * bv,
+         count + 1)
+  return y, new
