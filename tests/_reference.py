@@ -1,7 +1,7 @@
 """Float64 NumPy references for the numerical contract, and per-dtype tolerances."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 # Absolute tolerances on normalized outputs (unit scale) and on statistics
 # relative to the data's spread, per input dtype.
@@ -15,6 +15,17 @@ TOLERANCE = {
 
 def tolerance(dtype) -> float:
   return TOLERANCE[jnp.dtype(dtype)]
+
+
+def stats_tolerance(dtype) -> float:
+  """Statistics and running state reduce in at least float32, whatever the input dtype."""
+  return tolerance(jnp.promote_types(dtype, jnp.float32))
+
+
+def assert_close(actual, expected, tol, err_msg=""):
+  """``|actual - expected| <= tol * (1 + |expected|)``, compared in float64."""
+  actual = np.asarray(actual, np.float64)
+  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol, err_msg=err_msg)
 
 
 def feature_axes(axis, ndim):
@@ -31,7 +42,7 @@ def batch_stats(x, axis=-1, mask=None):
   """Mean and biased variance over the non-feature axes, in float64."""
   x = np.asarray(x, np.float64)
   red = reduction_axes(axis, x.ndim)
-  w = np.ones_like(x) if mask is None else np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+  w = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape) * 1.0
   n = w.sum(axis=red)
   mean = (w * x).sum(axis=red) / np.maximum(n, 1)
   mean_b = np.expand_dims(mean, red)
