@@ -171,6 +171,15 @@ def test_contract(implementation, shape, axis, dtype, mask_kind, affine, epsilon
     np.testing.assert_array_equal(new, old)
 
 
+def test_empty_batch_has_zero_statistics():
+  # Regression: an empty batch raised IndexError while picking the shift; like a
+  # feature with no valid entry, it has mean 0 and variance 0.
+  for mask in (None, jnp.ones((0, 1), bool)):
+    mean, var = jaxbn.batch_stats(jnp.ones((0, 3)), mask=mask)
+    np.testing.assert_array_equal(mean, np.zeros(3))
+    np.testing.assert_array_equal(var, np.zeros(3))
+
+
 def test_inference_returns_the_same_state_object():
   x = jnp.ones((4, 3))
   state = jaxbn.init_state(3)
