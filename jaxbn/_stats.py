@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxbn import _fused
 from jaxbn import _validation
@@ -60,15 +62,33 @@ def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
   cancellation in ``M2`` small. Gradients do not flow through ``K``: the
   statistics do not depend on it.
   """
-  if mask is None:
+  if any(x.shape[i] == 0 for i in axes):  # an empty batch has no sample to take
+    shift = jnp.zeros([1 if i in axes else n for i, n in enumerate(x.shape)], x.dtype)
+  elif mask is None:
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    return lax.stop_gradient(x[first])
-  valid = jnp.broadcast_to(mask, x.shape)
-  for ax in axes:
-    index = jnp.argmax(valid, axis=ax, keepdims=True)
-    x = jnp.take_along_axis(x, index, axis=ax)
-    valid = jnp.take_along_axis(valid, index, axis=ax)
-  return lax.stop_gradient(jnp.where(valid, x, jnp.zeros_like(x)))
+    shift = x[first]
+  else:
+    valid = jnp.broadcast_to(mask, x.shape)
+    shift = x
+    for ax in axes:
+      index = jnp.argmax(valid, axis=ax, keepdims=True)
+      shift = jnp.take_along_axis(shift, index, axis=ax)
+      valid = jnp.take_along_axis(valid, index, axis=ax)
+    shift = jnp.where(valid, shift, jnp.zeros_like(shift))
+  return lax.stop_gradient(_replicated_along(shift, axes, jax.typeof(x).sharding.mesh))
+
+
+def _replicated_along(value: jax.Array, axes: tuple[int, ...], mesh) -> jax.Array:
+  """Under ``jit`` with ``Auto`` mesh axes, keeps the size-1 ``axes`` of ``value`` replicated.
+
+  XLA would otherwise shard them like the batch they came from, and move ``K``
+  between devices at each of its uses instead of once.
+  """
+  types = getattr(mesh, "axis_types", ())
+  if not types or any(t != jax.sharding.AxisType.Auto for t in types):
+    return value
+  spec = P(*(None if i in axes else P.UNCONSTRAINED for i in range(value.ndim)))
+  return lax.with_sharding_constraint(value, jax.NamedSharding(mesh, spec))
 
 
 def local_moments(
@@ -98,31 +118,100 @@ def local_moments(
   return Moments(count, shift, delta, jnp.maximum(s2 - s1 * delta, 0))
 
 
+def _all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups) -> jax.Array:
+  """``lax.all_gather`` over this device's group, stacked along a new leading axis."""
+  if axis_index_groups is None:
+    # Inside `shard_map`, mark the result as the same on every device, so that
+    # the statistics may leave it with `out_specs=P()`.
+    varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
+    to = "invarying" if set(_names(axis_name)) <= varying else "varying"
+    return lax.all_gather(value, axis_name, to=to)
+  try:
+    return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+  except NotImplementedError:
+    # `vmap` has no grouped collectives: gather everyone, keep this group's rows.
+    groups = np.asarray(axis_index_groups)
+    group_of = np.argsort(groups.ravel()) // groups.shape[1]  # index -> its group
+    members = jnp.asarray(groups)[jnp.asarray(group_of)[lax.axis_index(axis_name)]]
+    return lax.all_gather(value, axis_name)[members]
+
+
 def all_reduce_moments(
     moments: Moments, axis_name: AxisName | None, axis_index_groups
 ) -> Moments:
   """Combines the moments of all devices along ``axis_name`` (Chan et al., 1979).
 
-  One ``all_gather`` of ``(n_i, K_i, delta_i, M2_i)`` per step; then, relative
-  to this device's shift ``K``, with ``d_i = (K_i - K) + delta_i`` and
-  ``n = sum n_i``::
+  One ``all_gather`` of ``(n_i, K_i, delta_i, M2_i)`` per step (``4 C`` numbers
+  per device for ``C`` features); then, relative to the shift ``K`` of the
+  first device in the group that holds data, with ``d_i = (K_i - K) + delta_i``
+  and ``n = sum n_i``::
 
       delta = sum(n_i d_i) / n
       M2 = sum(M2_i + n_i (d_i - delta)^2)
 
-  Exact whatever the number of valid entries on each device, zero included.
+  Exact whatever the number of valid entries on each device, zero included,
+  and the same bits on every device of a group.
   """
+  _validation.check_axis_name(axis_name)
+  _validation.check_axis_index_groups(axis_index_groups, axis_name)
   if axis_name is None:
     return moments
-  _validation.check_axis_name(axis_name)
   stacked = jnp.stack(jnp.broadcast_arrays(*moments))
-  gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
-  counts, shifts, deltas, m2s = jnp.moveaxis(gathered.reshape((-1,) + stacked.shape), 1, 0)
-  deltas = (shifts - moments.shift) + deltas
+  gathered = _all_gather(stacked, axis_name, axis_index_groups)
+  counts, shifts, deltas, m2s = jnp.moveaxis(gathered, 1, 0)
+  first = jnp.argmax(counts > 0, axis=0, keepdims=True)
+  shift = jnp.take_along_axis(shifts, first, axis=0)[0]
+  deltas = (shifts - shift) + deltas
   count = jnp.sum(counts, axis=0)
   delta = jnp.sum(counts * deltas, axis=0) / jnp.maximum(count, 1)
   m2 = jnp.sum(m2s + counts * jnp.square(deltas - delta), axis=0)
-  return Moments(count, moments.shift, delta, m2)
+  return Moments(count, shift, delta, m2)
+
+
+def _names(entry) -> tuple[str, ...]:
+  """The mesh axis names of one entry of a ``PartitionSpec``."""
+  if entry is None:
+    return ()
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
+def _explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
+  """Mesh axes along which an explicitly sharded ``x`` splits the reduction axes."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None) or ()
+  return tuple(n for i, entry in enumerate(spec) if i in axes for n in _names(entry))
+
+
+def _sharded_moments(x, axes, mask, mesh_axes, *, implementation) -> Moments:
+  """Moments of an explicitly sharded ``x``: per shard, then one ``all_gather``.
+
+  Under ``jit`` the shift ``K`` of the whole array would be a sample held by one
+  device; each shard takes its own instead, so the only collective is the
+  gather of the shards' moments.
+  """
+  sharding = jax.typeof(x).sharding
+  # Outside `jit` the array holds the mesh of real devices that `reshard` needs.
+  mesh = sharding.mesh if isinstance(x, jax.core.Tracer) else x.sharding.mesh
+  x_spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  stats_spec = P(*(None if i in axes else s for i, s in enumerate(x_spec)))
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+    mask_spec = P(*(None if n == 1 else s for n, s in zip(mask.shape, x_spec, strict=True)))
+    mask = jax.sharding.reshard(mask, jax.NamedSharding(mesh, mask_spec))
+  else:
+    mask_spec = None
+
+  def shard_moments(x, mask):
+    local = local_moments(x, axes, mask, implementation=implementation)
+    return all_reduce_moments(local, mesh_axes, None)
+
+  return jax.shard_map(
+      shard_moments,
+      mesh=mesh,
+      in_specs=(P(*x_spec), mask_spec),
+      out_specs=Moments(*(stats_spec,) * 4),
+      axis_names={n for entry in x_spec for n in _names(entry)},
+  )(x, mask)
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -199,7 +288,11 @@ def batch_stats(
 def global_moments(
     x, feature_axes, mask, axis_name, axis_index_groups, *, implementation
 ) -> Moments:
-  """Moments over the whole batch (all devices), relative to this device's shift."""
+  """Moments over the whole batch: all shards of ``x`` and all devices along ``axis_name``."""
   axes = reduction_axes(x.ndim, feature_axes)
-  local = local_moments(x, axes, mask, implementation=implementation)
-  return all_reduce_moments(local, axis_name, axis_index_groups)
+  mesh_axes = _explicit_mesh_axes(x, axes)
+  if mesh_axes:
+    moments = _sharded_moments(x, axes, mask, mesh_axes, implementation=implementation)
+  else:
+    moments = local_moments(x, axes, mask, implementation=implementation)
+  return all_reduce_moments(moments, axis_name, axis_index_groups)

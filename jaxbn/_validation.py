@@ -115,9 +115,11 @@ def check_fraction(value: Any, name: str, low: float, high: float) -> None:
 
 
 def check_axis_name(axis_name: Any) -> None:
-  """Checks that every name in ``axis_name`` is bound by an enclosing map."""
+  """Checks that every name in ``axis_name`` (if any) is bound by an enclosing map."""
   from jax import lax
 
+  if axis_name is None:
+    return
   for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
     try:
       lax.axis_size(name)
@@ -129,3 +131,45 @@ def check_axis_name(axis_name: Any) -> None:
           f"`jax.pmap(f, axis_name={name!r})`; or pass `axis_name=None` for "
           "statistics of the local batch (sharded `jax.jit` needs no axis name)."
       ) from None
+
+
+def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> None:
+  """Checks that ``axis_index_groups`` partitions the indices of ``axis_name``.
+
+  The groups must be equally large and hold every index in
+  ``range(axis_size)`` exactly once, as ``jax.lax.psum`` requires.
+
+  Raises:
+    ValueError: if they do not, or if groups come without an ``axis_name``.
+  """
+  if axis_index_groups is None:
+    return
+  if axis_name is None:
+    raise ValueError(
+        f"`axis_index_groups`={axis_index_groups!r} was given without `axis_name`; "
+        "the groups split a mapped axis, so also pass the `axis_name` they index."
+    )
+  from jax import lax
+
+  size = lax.axis_size(axis_name)
+  half = size // 2 if size % 2 == 0 else size
+  example = [list(range(half)), list(range(half, size))] if half < size else [list(range(size))]
+  expected = (
+      f"expected equally large groups that hold each index in range({size}) of axis "
+      f"{axis_name!r} exactly once, e.g. {example}"
+  )
+  try:
+    groups = [[int(i) for i in group] for group in axis_index_groups]
+  except TypeError:
+    raise ValueError(
+        f"`axis_index_groups` must be a sequence of sequences of ints, got "
+        f"{axis_index_groups!r}; {expected}."
+    ) from None
+  sizes = sorted({len(group) for group in groups})
+  if len(sizes) != 1:
+    raise ValueError(
+        f"`axis_index_groups`={groups!r} has groups of sizes {sizes}; {expected}."
+    )
+  indices = sorted(i for group in groups for i in group)
+  if indices != list(range(size)):
+    raise ValueError(f"`axis_index_groups`={groups!r} does not partition the axis; {expected}.")
