@@ -196,14 +196,19 @@ def _label(name: str | None) -> str:
 
 
 def _host_array(value: Any) -> np.ndarray:
-  """A NumPy copy of an array, a PyTorch tensor or a Keras variable."""
+  """A NumPy copy of an array, a PyTorch tensor or a Keras variable.
+
+  Always a copy: ``Tensor.numpy()`` shares the tensor's memory and JAX may
+  alias host memory, so a converted state would follow PyTorch's in-place
+  updates of its buffers.
+  """
   if hasattr(value, "detach"):  # a torch.Tensor; torch itself is not imported.
     value = value.detach().cpu()
     try:
-      return value.numpy()
+      return value.numpy().copy()
     except TypeError:  # NumPy has no bfloat16: go through float32, exactly.
       return value.float().numpy().astype(jnp.bfloat16)
-  return np.asarray(value)
+  return np.asarray(value).copy()
 
 
 def _check_keys(weights: Any, required: tuple[str, ...], allowed: tuple[str, ...], label: str):
@@ -642,7 +647,7 @@ def _pair_by_name(torch_names, flax_paths, names):
 
 def _place(value: np.ndarray, target: Any, label: str, key: str, flax_key: str):
   """``value`` as a JAX array of ``target``'s dtype, after checking the shapes agree."""
-  shape, target_shape = value.shape, tuple(jnp.shape(target))
+  shape, target_shape = value.shape, tuple(target.shape)
   if len(target_shape) != 1:
     raise ValueError(
         f"{label}: key {key!r} has shape {shape}, one value per channel, but the Flax "
@@ -654,7 +659,7 @@ def _place(value: np.ndarray, target: Any, label: str, key: str, flax_key: str):
         f"{label}: key {key!r} has shape {shape}, but the Flax variable {flax_key!r} "
         f"has shape {target_shape}; the layers do not match."
     )
-  return jnp.asarray(value, jnp.result_type(target))
+  return jnp.asarray(value, target.dtype)
 
 
 def torch_to_linen(
@@ -692,8 +697,9 @@ def torch_to_linen(
 
   Args:
     state_dict: a PyTorch model's ``state_dict()``.
-    variables: the Flax model's variables, e.g. from ``model.init(...)``, with
-      collections ``params`` and ``batch_stats``.
+    variables: the Flax model's variables, with collections ``params`` and
+      ``batch_stats``: from ``model.init(key, x)``, or only their shapes from
+      ``jax.eval_shape(model.init, key, x)`` when every leaf gets replaced.
     names: optional explicit pairs ``{torch_prefix: flax_path}``.
 
   Returns:
