@@ -45,21 +45,35 @@ def _centered_product(x, shift, t):
   return (x - shift) * t
 
 
+@partial(jax.checkpoint, static_argnums=(0,))
+def _sums_tangent(axes, x, shift, mask, dx):
+  """``(sum(dx), 2 sum((x - K) dx))`` over the valid entries.
+
+  Checkpointed: reverse mode recomputes ``x - K`` and the mask's selection in
+  the backward pass instead of saving them.
+  """
+  dx = _masked(mask, dx)
+  return jnp.sum(dx, axes, keepdims=True), 2 * jnp.sum((x - shift) * dx, axes, keepdims=True)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def shifted_sums(axes, x, shift, mask):
   """Same as ``shifted_sums_reference``; reverse mode saves only ``x`` and ``K``."""
-  return shifted_sums_reference(axes, x, shift, mask)
+  # Each sum recomputes `x - K` from `x`. Shared (with the other sum or with
+  # the normalization), `x - K` would be written to memory once and read again;
+  # the barrier on the O(C) shift keeps XLA from merging the subtractions, so
+  # each reduction reads `x` directly.
+  shift1, shift2 = jax.lax.optimization_barrier((shift, shift))
+  s1 = jnp.sum(_masked(mask, x - shift1), axes, keepdims=True)
+  s2 = jnp.sum(jnp.square(_masked(mask, x - shift2)), axes, keepdims=True)
+  return s1, s2
 
 
 @shifted_sums.defjvp
 def _shifted_sums_jvp(axes, primals, tangents):
   x, shift, mask = primals
   dx = tangents[0]  # `shift` carries no gradient (see `_first_valid_sample`).
-  sums = shifted_sums(axes, x, shift, mask)
-  dx = _masked(mask, dx)
-  ds1 = jnp.sum(dx, axes, keepdims=True)
-  ds2 = 2 * jnp.sum(_centered_product(x, shift, dx), axes, keepdims=True)
-  return sums, (ds1, ds2)
+  return shifted_sums(axes, x, shift, mask), _sums_tangent(axes, x, shift, mask, dx)
 
 
 @jax.custom_jvp
