@@ -1,0 +1,82 @@
+"""Command line: ``python -m benchmarks [--quick] [options]``.
+
+Prints a table, writes ``results/<device>-<date>.json`` and a PNG chart beside it.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import contenders, report, runner
+from .shapes import BY_NAME, MLP, RESNET_MID, SHAPES, TINY
+
+# --quick: three shapes (one image layer, the MLP, the tiny one), float32, all modes.
+QUICK_SHAPES = (RESNET_MID, MLP, TINY)
+QUICK_REPS = 15
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+  parser.add_argument(
+      "--quick",
+      action="store_true",
+      help=f"shapes {', '.join(s.name for s in QUICK_SHAPES)}, float32 only, "
+      f"{QUICK_REPS} rounds (under 3 minutes on 2 cores)",
+  )
+  parser.add_argument("--shapes", nargs="+", choices=list(BY_NAME), help="shapes to run")
+  parser.add_argument("--dtypes", nargs="+", choices=list(report.DTYPES), help="dtypes to run")
+  parser.add_argument("--modes", nargs="+", choices=list(contenders.MODES), help="modes to run")
+  parser.add_argument(
+      "--contenders",
+      nargs="+",
+      choices=list(contenders.JAX_CONTENDERS + contenders.TORCH_CONTENDERS),
+      help="contenders to run (default: all)",
+  )
+  parser.add_argument("--reps", type=int, help="timed rounds per case (default 50)")
+  parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+  parser.add_argument(
+      "--out",
+      type=Path,
+      default=Path(__file__).parent / "results",
+      help="directory for the JSON and PNG (default: benchmarks/results)",
+  )
+  parser.add_argument("--no-save", action="store_true", help="print the table only")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  notes = []
+  torch = None
+  if not args.no_torch:
+    try:
+      import torch
+    except ImportError as error:
+      notes.append(f"PyTorch rows skipped: torch is not importable ({error}).")
+    else:
+      torch.set_num_threads(runner.cores())
+  config = runner.Config(
+      shapes=[BY_NAME[n] for n in args.shapes] if args.shapes else
+      (QUICK_SHAPES if args.quick else SHAPES),
+      dtypes=args.dtypes or (("float32",) if args.quick else report.DTYPES),
+      modes=args.modes or contenders.MODES,
+      contenders=args.contenders or runner.Config.contenders,
+      torch=torch,
+      reps=args.reps or (QUICK_REPS if args.quick else runner.Config.reps),
+      quick=args.quick,
+      progress=sys.stderr.isatty(),
+      notes=notes,
+  )
+  for note in notes:
+    print(note, file=sys.stderr)
+  doc = runner.run(config)
+  print(report.table(doc))
+  if not args.no_save:
+    path = report.save(doc, args.out)
+    png = report.plot(doc, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {png.name}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
