@@ -716,9 +716,17 @@ def torch_to_linen(
       if ``variables`` has no ``batch_stats`` collection.
 
   Examples:
-    >>> variables = model.init(key, x_nhwc)  # doctest: +SKIP
-    >>> variables, unmapped = torch_to_linen(torch_model.state_dict(), variables)  # doctest: +SKIP
-    >>> assert not unmapped.torch and not unmapped.flax  # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, torch, jaxbn.interop, jaxbn.linen
+    >>> torch_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> state_dict = torch_model.state_dict()
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=True, momentum=0.9)
+    >>> variables = bn.init(jax.random.key(0), jnp.zeros((1, 3)))
+    >>> _, unmapped = jaxbn.interop.torch_to_linen(state_dict, variables)
+    >>> unmapped  # PyTorch's layer "1" and the Flax root "" do not match by name
+    Unmapped(torch=('1',), flax=('',))
+    >>> variables, unmapped = jaxbn.interop.torch_to_linen(state_dict, variables, names={"1": ""})
+    >>> unmapped
+    Unmapped(torch=(), flax=())
   """
   if not isinstance(state_dict, Mapping):
     raise TypeError(f"`state_dict` must be a mapping, got {type(state_dict).__name__}.")
