@@ -30,7 +30,7 @@ unbiased batch variance ``var * n / (n - 1)`` into the running variance
 Nothing is guessed: a missing or unexpected key, per-channel arrays whose
 shapes disagree, a layout that does not fit the declared feature axes, or a
 non-finite statistic raise a ``ValueError`` that names the layer and the key.
-Neither PyTorch nor Keras is imported unless ``to_torch`` is called.
+PyTorch is imported only by ``to_torch``; Keras never is.
 """
 
 import math
@@ -211,23 +211,24 @@ def _host_array(value: Any) -> np.ndarray:
   return np.asarray(value).copy()
 
 
-def _check_keys(weights: Any, required: tuple[str, ...], allowed: tuple[str, ...], label: str):
+def _check_keys(weights: Any, keys: tuple[str, ...], label: str) -> None:
+  """Checks that ``weights`` is a mapping with exactly ``keys``."""
   if not isinstance(weights, Mapping):
     raise TypeError(
         f"{label}: the weights must be a mapping from names to arrays, got "
         f"{type(weights).__name__}."
     )
-  for key in required:
+  for key in keys:
     if key not in weights:
       raise ValueError(
-          f"{label}: key {key!r} is missing; expected the keys {list(required)}, "
+          f"{label}: key {key!r} is missing; expected the keys {list(keys)}, "
           f"got {sorted(weights)}."
       )
-  unexpected = sorted(set(weights) - set(allowed))
+  unexpected = sorted(set(weights) - set(keys))
   if unexpected:
     raise ValueError(
-        f"{label}: unexpected keys {unexpected}; a batch-norm layer holds only "
-        f"{list(allowed)}. Pass the keys of one layer, without a prefix."
+        f"{label}: unexpected keys {unexpected}; expected exactly {list(keys)}: the "
+        "keys of one layer, without a prefix, as its settings say it has."
     )
 
 
@@ -295,7 +296,7 @@ _TORCH_AFFINE_TO_FLAX = (("weight", "scale"), ("bias", "bias"))
 def _torch_arrays(state_dict: Any, affine: bool, label: str) -> tuple[dict[str, np.ndarray], int]:
   """Checked per-channel arrays of one PyTorch layer, and its ``num_batches_tracked``."""
   required = (_TORCH_AFFINE if affine else ()) + _TORCH_STATS
-  _check_keys(state_dict, required, required, label)
+  _check_keys(state_dict, required, label)
   count = _host_array(state_dict["num_batches_tracked"])
   if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer) or count < 0:
     raise ValueError(
@@ -495,7 +496,7 @@ def from_keras(
   settings = preset("keras", momentum=momentum, epsilon=epsilon, axis=int(axis))
   label = _label(name)
   required = ("gamma",) * scale + ("beta",) * center + _KERAS_STATS
-  _check_keys(weights, required, required, label)
+  _check_keys(weights, required, label)
   arrays = _per_channel(weights, required, "moving_variance", label)
   params = {
       param: jnp.asarray(arrays[key])
