@@ -160,12 +160,12 @@ def all_reduce_moments(
   gathered = _all_gather(stacked, axis_name, axis_index_groups)
   counts, shifts, deltas, m2s = jnp.moveaxis(gathered, 1, 0)
   first = jnp.argmax(counts > 0, axis=0, keepdims=True)
-  shift = jnp.take_along_axis(shifts, first, axis=0)[0]
+  shift = jnp.take_along_axis(shifts, first, axis=0)
   deltas = (shifts - shift) + deltas
-  count = jnp.sum(counts, axis=0)
-  delta = jnp.sum(counts * deltas, axis=0) / jnp.maximum(count, 1)
+  count = jnp.sum(counts, axis=0, keepdims=True)
+  delta = jnp.sum(counts * deltas, axis=0, keepdims=True) / jnp.maximum(count, 1)
   m2 = jnp.sum(m2s + counts * jnp.square(deltas - delta), axis=0)
-  return Moments(count, shift, delta, m2)
+  return Moments(count[0], shift[0], delta[0], m2)
 
 
 def _names(entry) -> tuple[str, ...]:
