@@ -14,6 +14,8 @@ move towards them::
 ``momentum=0.1`` is our ``0.9``).
 """
 
+import warnings
+from numbers import Real
 from typing import Any, Literal
 
 import jax
@@ -104,16 +106,146 @@ def normalize(
   return y.astype(x.dtype)
 
 
+Averaging = Literal["ema", "debiased_ema", "cumulative"]
+AVERAGINGS = ("ema", "debiased_ema", "cumulative")
+
+
+def _check_averaging(momentum, averaging, unbiased_var, batch_count, skip_nonfinite, stacklevel):
+  """Trace-time checks of the running-average settings; warns on a PyTorch-style momentum."""
+  if averaging not in AVERAGINGS:
+    raise ValueError(f"`averaging` must be one of {AVERAGINGS}, got {averaging!r}.")
+  for name, flag in (("unbiased_var", unbiased_var), ("skip_nonfinite", skip_nonfinite)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"`{name}` must be a Python bool, got {flag!r}.")
+  if unbiased_var and batch_count is None:
+    raise ValueError(
+        "`unbiased_var=True` needs `batch_count`, the number of entries per feature "
+        "behind the batch variance, to fold in `var * n / (n - 1)`."
+    )
+  _validation.check_fraction(momentum, "momentum", 0.0, 1.0)
+  if averaging == "ema" and isinstance(momentum, Real) and 0 < momentum < 0.5:
+    warnings.warn(
+        f"`momentum`={momentum} puts less than half the weight on the old running "
+        f"value. jaxbn's momentum weighs the old value (as in Flax and Keras): "
+        f"PyTorch's momentum={momentum} is jaxbn's momentum={round(1 - momentum, 12)}.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def update_running_stats(
-    state: BatchNormState, mean: jax.Array, var: jax.Array, momentum
+    state: BatchNormState,
+    mean: ArrayLike,
+    var: ArrayLike,
+    *,
+    momentum: float | jax.Array = 0.99,
+    averaging: Averaging = "ema",
+    unbiased_var: bool = False,
+    batch_count: ArrayLike | None = None,
+    skip_nonfinite: bool = False,
 ) -> BatchNormState:
-  """One exponential-moving-average step; no gradient flows into the result."""
-  mean, var = (jnp.asarray(v, state.mean.dtype).reshape(state.mean.shape) for v in (mean, var))
-  new_state = BatchNormState(
-      mean=momentum * state.mean + (1 - momentum) * mean,
-      var=momentum * state.var + (1 - momentum) * var,
-      count=state.count + 1,
+  """Moves the running statistics towards a batch's ``mean`` and ``var``.
+
+  With ``t = state.count + 1`` and ``s`` standing for ``mean`` or ``var``::
+
+      "ema":           new.s = momentum * old.s + (1 - momentum) * batch_s
+      "debiased_ema":  new.s = old.s + (batch_s - old.s) * (1 - momentum) / (1 - momentum**t)
+      "cumulative":    new.s = old.s + (batch_s - old.s) / t
+      new.count = t
+
+  ``"ema"`` is the Flax and Keras convention: ``momentum`` weighs the old
+  value (PyTorch's ``momentum=0.1`` is our ``0.9``). ``"debiased_ema"`` stores
+  the zero-debiased average of haiku's ``ExponentialMovingAverage`` (and
+  Adam's moments): the biased average divided by ``1 - momentum**t``, so the
+  first update equals the batch and the initial value leaves no trace (at
+  ``momentum=1`` it is the cumulative average). ``"cumulative"`` is the plain
+  average of all batches so far, PyTorch's ``momentum=None``; ``momentum`` is
+  then unused.
+
+  With ``unbiased_var=True`` the batch variance folded in is
+  ``var * n / (n - 1)`` with ``n = batch_count``, as PyTorch stores it (the
+  batch itself is normalized with the biased ``var``).
+
+  With ``skip_nonfinite=True``, a batch whose ``mean`` or ``var`` holds a NaN
+  or an infinity leaves the whole state unchanged, ``count`` included, so a
+  caller sees a skipped update as ``new.count == state.count``.
+
+  No gradient flows into the result.
+
+  Args:
+    state: the running statistics.
+    mean: the batch mean, of the feature shape.
+    var: the biased batch variance, of the feature shape.
+    momentum: the weight of the old value in [0, 1] (``"ema"``,
+      ``"debiased_ema"``). A Python float below 0.5 with ``"ema"`` warns: it
+      is most likely a PyTorch momentum (0 is taken as deliberate).
+    averaging: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
+    unbiased_var: fold the unbiased batch variance into ``var``.
+    batch_count: ``n``, the number of entries per feature behind ``var``: a
+      scalar or an array of the feature shape (with masks it differs between
+      features). Required with ``unbiased_var=True``.
+    skip_nonfinite: leave the state unchanged when the batch statistics are
+      not all finite.
+
+  Returns:
+    The new ``BatchNormState``, with the structure and dtypes of ``state``.
+
+  Raises:
+    ValueError: if ``averaging`` is unknown, ``momentum`` lies outside [0, 1],
+      ``unbiased_var`` comes without ``batch_count``, or ``mean``/``var`` do
+      not have the feature shape.
+    TypeError: if ``unbiased_var`` or ``skip_nonfinite`` is not a Python bool.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> state = jaxbn.init_state(1)
+    >>> for batch_mean in (1.0, 3.0):
+    ...   state = jaxbn.update_running_stats(
+    ...       state, jnp.array([batch_mean]), jnp.array([1.0]), averaging="cumulative")
+    >>> state.mean, state.count
+    (Array([2.], dtype=float32), Array(2, dtype=int32))
+  """
+  _check_averaging(momentum, averaging, unbiased_var, batch_count, skip_nonfinite, stacklevel=2)
+  feature_shape = jnp.shape(state.mean)
+  for name, value in (("mean", mean), ("var", var)):
+    _validation.check_per_feature(value, feature_shape, name)
+  if batch_count is not None and jnp.shape(batch_count) not in ((), feature_shape):
+    raise ValueError(
+        f"`batch_count` must be a scalar or of the feature shape {feature_shape}, got "
+        f"shape {jnp.shape(batch_count)}."
+    )
+  return _update_running_stats(
+      state, mean, var, momentum, averaging, unbiased_var, batch_count, skip_nonfinite
   )
+
+
+def _update_running_stats(
+    state, mean, var, momentum, averaging, unbiased_var, batch_count, skip_nonfinite
+) -> BatchNormState:
+  """``update_running_stats`` without the checks."""
+  dtype = state.mean.dtype
+  mean, var = (jnp.asarray(v, dtype).reshape(state.mean.shape) for v in (mean, var))
+  if unbiased_var:
+    n = jnp.asarray(batch_count, dtype)
+    var = var * n / jnp.maximum(n - 1, 1)  # n <= 1 leaves `var` (0 there) as it is.
+  t = state.count + 1
+  if averaging == "ema":
+    keep = momentum
+  elif averaging == "debiased_ema":
+    momentum = jnp.asarray(momentum, dtype)
+    debias = 1 - momentum ** t.astype(dtype)
+    safe = jnp.where(debias > 0, debias, 1)
+    keep = jnp.where(debias > 0, 1 - (1 - momentum) / safe, 1 - 1 / t.astype(dtype))
+  else:
+    keep = 1 - 1 / t.astype(dtype)
+  new_state = BatchNormState(
+      mean=keep * state.mean + (1 - keep) * mean,
+      var=keep * state.var + (1 - keep) * var,
+      count=t,
+  )
+  if skip_nonfinite:
+    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   return jax.tree.map(
       lambda new, old: lax.stop_gradient(new).astype(old.dtype), new_state, state
   )
@@ -122,11 +254,11 @@ def update_running_stats(
 def _normalize_with_batch_stats(
     x, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups, implementation
 ):
-  """Returns ``(y, mean, var)`` with the statistics of the (global) batch."""
+  """Returns ``(y, moments)`` with the moments of the (global) batch."""
   moments = _stats.global_moments(
       x, feature_axes, mask, axis_name, axis_index_groups, implementation=implementation
   )
-  mean, var = moments.mean, moments.var
+  var = moments.var
   scale, bias = (_broadcastable(v, x.ndim, feature_axes, x.dtype) for v in (scale, bias))
   rstd = lax.rsqrt(var + epsilon)
   if implementation == "reference":
@@ -142,7 +274,27 @@ def _normalize_with_batch_stats(
     if bias is not None:
       b = b + bias
     y = _fused.shifted_affine(x, moments.shift, a, b)
-  return y, mean, var
+  return y, moments
+
+
+def _resolve_switches(training, use_batch_stats, update_stats) -> tuple[bool, bool]:
+  """``(use_batch_stats, update_stats)``, each defaulting to ``training``."""
+  if not isinstance(training, bool | jnp.bool_):
+    raise TypeError(
+        f"`training` must be a Python bool, got {training!r}; it selects the "
+        "computation at trace time, so pass it as a static argument under jit."
+    )
+  switches = []
+  for name, value in (("use_batch_stats", use_batch_stats), ("update_stats", update_stats)):
+    if value is None:
+      value = bool(training)
+    elif not isinstance(value, bool | jnp.bool_):
+      raise TypeError(
+          f"`{name}` must be a Python bool or None (then it follows `training`), got "
+          f"{value!r}; pass it as a static argument under jit."
+      )
+    switches.append(bool(value))
+  return switches[0], switches[1]
 
 
 def batch_norm(
@@ -159,11 +311,17 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     implementation: Implementation = "fused",
+    use_batch_stats: bool | None = None,
+    update_stats: bool | None = None,
+    averaging: Averaging = "ema",
+    unbiased_var: bool = False,
+    skip_nonfinite: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """One batch-norm step: normalize ``x`` and return the next running statistics.
 
   Training (``training=True``) normalizes with the statistics of the batch
-  (see ``batch_stats``) and updates the running averages::
+  (see ``batch_stats``) and updates the running averages (see
+  ``update_running_stats`` for the other ``averaging`` conventions)::
 
       y = (x - mean_B) / sqrt(var_B + epsilon) * scale + bias
       new.mean = momentum * state.mean + (1 - momentum) * mean_B
@@ -173,6 +331,20 @@ def batch_norm(
   Inference (``training=False``) normalizes with ``state.mean`` and
   ``state.var`` and returns ``state`` unchanged, so a loop threads the state
   the same way in both modes. No gradient flows into the new state.
+
+  ``training`` is the shorthand for two switches, which override it when
+  given: ``use_batch_stats`` (normalize with the batch statistics rather than
+  the running ones) and ``update_stats`` (return updated running statistics).
+
+  ==================  ===============  ============  ===========================
+  use_batch_stats     update_stats     same as       use
+  ==================  ===============  ============  ===========================
+  True                True             training      training
+  False               False            inference     frozen BN (fine-tuning)
+  True                False                          batch statistics, state kept
+  False               True                           running statistics used,
+                                                     updated (calibration)
+  ==================  ===============  ============  ===========================
 
   Args:
     x: floating-point array, e.g. ``(N, H, W, C)`` or ``(N, C, H, W)``.
@@ -195,18 +367,30 @@ def batch_norm(
     implementation: ``"fused"`` (default) differentiates with custom rules that
       keep only ``x`` and per-feature values for the backward pass;
       ``"reference"`` is the textbook formula under plain autodiff.
+    use_batch_stats: Python bool overriding ``training`` for the statistics
+      that normalize ``x``.
+    update_stats: Python bool overriding ``training`` for the update of the
+      running statistics.
+    averaging: ``"ema"`` (default), ``"debiased_ema"`` or ``"cumulative"``;
+      see ``update_running_stats``.
+    unbiased_var: fold the unbiased batch variance ``var_B * n / (n - 1)``
+      into the running variance (PyTorch), ``n`` the number of valid entries
+      per feature in the whole batch; ``x`` is still normalized with ``var_B``.
+    skip_nonfinite: leave the state unchanged (``count`` included) when the
+      batch statistics are not all finite.
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state``
     with the structure and dtypes of ``state``.
 
   Raises:
-    TypeError: if ``x`` is not floating point, ``training`` is not a bool or
-      ``state`` is not a ``BatchNormState``.
+    TypeError: if ``x`` is not floating point, ``training``,
+      ``use_batch_stats`` or ``update_stats`` is not a bool, or ``state`` is
+      not a ``BatchNormState``.
     ValueError: if ``axis`` is out of range or repeated; ``state``, ``scale``
       or ``bias`` do not have the feature shape; ``mask`` does not broadcast;
-      ``momentum`` or ``epsilon`` are out of range; or training sees a single
-      entry per feature.
+      ``momentum`` or ``epsilon`` are out of range; ``averaging`` is unknown;
+      or batch statistics are asked of a single entry per feature.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -214,12 +398,15 @@ def batch_norm(
     >>> y, state = jaxbn.batch_norm(x, jaxbn.init_state(2), training=True, momentum=0.9)
     >>> state.mean
     Array([0.2, 0.4], dtype=float32)
+
+    Frozen batch norm, e.g. to fine-tune a pretrained network:
+
+    >>> y, same = jaxbn.batch_norm(
+    ...     x, state, training=True, use_batch_stats=False, update_stats=False)
+    >>> same is state
+    True
   """
-  if not isinstance(training, bool | jnp.bool_):
-    raise TypeError(
-        f"`training` must be a Python bool, got {training!r}; it selects the "
-        "computation at trace time, so pass it as a static argument under jit."
-    )
+  use_batch_stats, update_stats = _resolve_switches(training, use_batch_stats, update_stats)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
@@ -228,26 +415,52 @@ def batch_norm(
   _validation.check_state(state, feature_shape)
   _validation.check_mask(mask, x.shape)
   _validation.check_fraction(momentum, "momentum", 0.0, 1.0)
-  if not training:
+  if update_stats:
+    _check_averaging(momentum, averaging, unbiased_var, True, skip_nonfinite, stacklevel=3)
+  if not (use_batch_stats or update_stats):
     y = normalize(x, state.mean, state.var, scale, bias, axis=feature_axes, epsilon=epsilon)
     return y, state
   entries_per_feature = x.size // max(1, jnp.size(state.mean))
-  if axis_name is None and mask is None and entries_per_feature == 1:
+  if axis_name is None and mask is None and entries_per_feature <= 1:
     raise ValueError(
-        f"training batch norm needs more than one value per feature, but `x` of "
-        f"shape {x.shape} with `axis`={axis!r} has a single one (its variance "
-        "would be 0); use a larger batch, `training=False`, or `axis_name` to "
-        "take statistics across devices."
+        f"batch norm with batch statistics needs more than one value per feature, but `x` "
+        f"of shape {x.shape} with `axis`={axis!r} has "
+        f"{'a single one' if entries_per_feature else 'none'} (its variance would be 0); "
+        "use a larger batch, `training=False`, or `axis_name` to take statistics across "
+        "devices."
     )
-  y, mean, var = _normalize_with_batch_stats(
-      x.astype(_stats.compute_dtype(x.dtype)),
-      feature_axes,
-      scale,
-      bias,
-      epsilon,
-      mask,
-      axis_name,
-      axis_index_groups,
-      implementation,
-  )
-  return y.astype(x.dtype), update_running_stats(state, mean, var, momentum)
+  compute_x = x.astype(_stats.compute_dtype(x.dtype))
+  if use_batch_stats:
+    y, moments = _normalize_with_batch_stats(
+        compute_x,
+        feature_axes,
+        scale,
+        bias,
+        epsilon,
+        mask,
+        axis_name,
+        axis_index_groups,
+        implementation,
+    )
+  else:
+    y = normalize(x, state.mean, state.var, scale, bias, axis=feature_axes, epsilon=epsilon)
+    moments = _stats.global_moments(
+        lax.stop_gradient(compute_x),
+        feature_axes,
+        mask,
+        axis_name,
+        axis_index_groups,
+        implementation=implementation,
+    )
+  if update_stats:
+    state = _update_running_stats(
+        state,
+        moments.mean,
+        moments.var,
+        momentum,
+        averaging,
+        unbiased_var,
+        moments.count.reshape(feature_shape),
+        skip_nonfinite,
+    )
+  return y.astype(x.dtype), state
