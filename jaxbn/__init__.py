@@ -7,6 +7,7 @@ Flax modules built on them.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from jaxbn import interop as interop
 from jaxbn._core import batch_norm as batch_norm
 from jaxbn._core import normalize as normalize
 from jaxbn._state import BatchNormState as BatchNormState
@@ -18,4 +19,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
   __version__ = "0.0.0"
 
-__all__ = ["BatchNormState", "batch_norm", "batch_stats", "init_state", "normalize"]
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "batch_stats",
+    "init_state",
+    "interop",
+    "normalize",
+]
