@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxbn import _activation
 from jaxbn import _fused
 from jaxbn import _stats
 from jaxbn import _validation
@@ -93,6 +94,11 @@ def normalize(
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_per_feature(mean, feature_shape, "mean")
   _validation.check_per_feature(var, feature_shape, "var")
+  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon).astype(x.dtype)
+
+
+def _normalize(x, feature_axes, mean, var, scale, bias, epsilon) -> jax.Array:
+  """``normalize`` without the checks, in the compute dtype."""
   dtype = _stats.compute_dtype(x.dtype)
   mean, var, scale, bias = (
       _broadcastable(v, x.ndim, feature_axes, dtype) for v in (mean, var, scale, bias)
@@ -103,7 +109,7 @@ def normalize(
   y = (x.astype(dtype) - mean) * mul
   if bias is not None:
     y = y + bias
-  return y.astype(x.dtype)
+  return y
 
 
 Averaging = Literal["ema", "debiased_ema", "cumulative"]
@@ -252,9 +258,20 @@ def _update_running_stats(
 
 
 def _normalize_with_batch_stats(
-    x, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups, implementation
+    x,
+    feature_axes,
+    scale,
+    bias,
+    epsilon,
+    mask,
+    axis_name,
+    axis_index_groups,
+    implementation,
+    activation,
+    negative_slope,
+    residual,
 ):
-  """Returns ``(y, moments)`` with the moments of the (global) batch."""
+  """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch."""
   moments = _stats.global_moments(
       x, feature_axes, mask, axis_name, axis_index_groups, implementation=implementation
   )
@@ -267,13 +284,19 @@ def _normalize_with_batch_stats(
       y = y * scale
     if bias is not None:
       y = y + bias
+    y = _activation.add_and_apply(y, residual, activation, negative_slope)
   else:
     # y = (x - K) a + b with a = scale * rstd and b = bias - (mean - K) a.
     a = rstd if scale is None else rstd * scale
     b = -moments.delta * a
     if bias is not None:
       b = b + bias
-    y = _fused.shifted_affine(x, moments.shift, a, b)
+    if activation is None and residual is None:
+      y = _fused.shifted_affine(x, moments.shift, a, b)
+    else:
+      y = _activation.shifted_affine_act(
+          activation, negative_slope, x, moments.shift, a, b, residual
+      )
   return y, moments
 
 
@@ -316,6 +339,9 @@ def batch_norm(
     averaging: Averaging = "ema",
     unbiased_var: bool = False,
     skip_nonfinite: bool = False,
+    activation: _activation.Activation = None,
+    negative_slope: float = 0.01,
+    residual: ArrayLike | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """One batch-norm step: normalize ``x`` and return the next running statistics.
 
@@ -331,6 +357,15 @@ def batch_norm(
   Inference (``training=False``) normalizes with ``state.mean`` and
   ``state.var`` and returns ``state`` unchanged, so a loop threads the state
   the same way in both modes. No gradient flows into the new state.
+
+  An ``activation`` and a ``residual`` ``r`` (of the shape of ``x``) fuse into
+  the same passes, forward and backward (cuDNN's BN-add-ReLU)::
+
+      z = act(y + r)     relu(u) = max(u, 0)     leaky_relu(u) = u if u > 0 else s u
+
+  with ``s = negative_slope``. The ``"fused"`` backward pass reads ``x``, the
+  output ``z`` and the incoming gradient, and keeps nothing else of size
+  ``x``: the activation's derivative is read off the sign of ``z``.
 
   ``training`` is the shorthand for two switches, which override it when
   given: ``use_batch_stats`` (normalize with the batch statistics rather than
@@ -378,6 +413,12 @@ def batch_norm(
       per feature in the whole batch; ``x`` is still normalized with ``var_B``.
     skip_nonfinite: leave the state unchanged (``count`` included) when the
       batch statistics are not all finite.
+    activation: ``None`` (default), ``"relu"`` or ``"leaky_relu"``, applied
+      after the residual add.
+    negative_slope: the slope ``s >= 0`` of ``"leaky_relu"`` for negative
+      inputs, a Python float (0.01 as in ``jax.nn.leaky_relu``).
+    residual: optional array of the shape of ``x`` added to the normalized
+      features before the activation (a ResNet shortcut).
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state``
@@ -389,8 +430,10 @@ def batch_norm(
       not a ``BatchNormState``.
     ValueError: if ``axis`` is out of range or repeated; ``state``, ``scale``
       or ``bias`` do not have the feature shape; ``mask`` does not broadcast;
-      ``momentum`` or ``epsilon`` are out of range; ``averaging`` is unknown;
-      or batch statistics are asked of a single entry per feature.
+      ``momentum`` or ``epsilon`` are out of range; ``averaging`` or
+      ``activation`` is unknown; ``negative_slope`` is negative; ``residual``
+      does not have the shape of ``x``; or batch statistics are asked of a
+      single entry per feature.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -417,9 +460,17 @@ def batch_norm(
   _validation.check_fraction(momentum, "momentum", 0.0, 1.0)
   if update_stats:
     _check_averaging(momentum, averaging, unbiased_var, True, skip_nonfinite, stacklevel=3)
+  _activation.check(activation, negative_slope, residual, x.shape)
+  compute_x = x.astype(_stats.compute_dtype(x.dtype))
+  if residual is not None:
+    residual = jnp.asarray(residual).astype(compute_x.dtype)
+
+  def normalize_with_running_stats():
+    y = _normalize(x, feature_axes, state.mean, state.var, scale, bias, epsilon)
+    return _activation.add_and_apply(y, residual, activation, negative_slope).astype(x.dtype)
+
   if not (use_batch_stats or update_stats):
-    y = normalize(x, state.mean, state.var, scale, bias, axis=feature_axes, epsilon=epsilon)
-    return y, state
+    return normalize_with_running_stats(), state
   entries_per_feature = x.size // max(1, jnp.size(state.mean))
   if axis_name is None and mask is None and entries_per_feature <= 1:
     raise ValueError(
@@ -429,7 +480,6 @@ def batch_norm(
         "use a larger batch, `training=False`, or `axis_name` to take statistics across "
         "devices."
     )
-  compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if use_batch_stats:
     y, moments = _normalize_with_batch_stats(
         compute_x,
@@ -441,9 +491,12 @@ def batch_norm(
         axis_name,
         axis_index_groups,
         implementation,
+        activation,
+        negative_slope,
+        residual,
     )
   else:
-    y = normalize(x, state.mean, state.var, scale, bias, axis=feature_axes, epsilon=epsilon)
+    y = normalize_with_running_stats()
     moments = _stats.global_moments(
         lax.stop_gradient(compute_x),
         feature_axes,

@@ -1,0 +1,104 @@
+"""Batch norm, residual add and activation in the same passes: ``z = act(bn(x) + r)``.
+
+This is cuDNN's BN-add-ReLU and TensorFlow's fused batch norm with a side
+input. With ``y = (x - K) a + b`` the normalized features (per-feature ``K``,
+``a``, ``b``; see ``_fused``) and ``r`` an optional residual of the shape of
+``x``::
+
+    u = y + r        z = act(u)
+    relu(u) = max(u, 0)        leaky_relu(u) = u if u > 0 else negative_slope * u
+
+Both activations are piecewise linear with ``act'(u) = 1`` for ``u > 0`` and
+``s`` (0 for relu, ``negative_slope`` for leaky_relu) otherwise. As ``s >= 0``,
+``u > 0`` exactly where ``z > 0``, so the derivative is read off the output::
+
+    dz = act'(z) * (dx a + (x - K) da + db + dr)     act'(z) = 1 if z > 0 else s
+
+The tangent is linear, so forward and reverse mode both work; reverse mode
+keeps ``x`` (recomputing ``x - K``), the output ``z`` (which the next layer
+usually keeps anyway) and O(C) values, and the backward pass is the same two
+reductions and one elementwise pass as without the activation. The residual
+``r`` itself is not kept: ``dr = act'(z) dz_out``.
+"""
+
+from functools import partial
+from numbers import Real
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn import _fused
+
+Activation = Literal["relu", "leaky_relu"] | None
+ACTIVATIONS = (None, "relu", "leaky_relu")
+
+
+def check(activation, negative_slope, residual, x_shape) -> None:
+  """Trace-time checks of ``activation``, ``negative_slope`` and ``residual``."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}.")
+  if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real):
+    raise TypeError(
+        f"`negative_slope` must be a Python float (it is static), got {negative_slope!r}."
+    )
+  if not 0 <= negative_slope < float("inf"):
+    raise ValueError(
+        f"`negative_slope` must be a finite float >= 0, got {negative_slope}; with a "
+        "negative slope the sign of the output would not tell the side of the kink."
+    )
+  if residual is None:
+    return
+  if tuple(jnp.shape(residual)) != tuple(x_shape):
+    raise ValueError(
+        f"`residual` has shape {tuple(jnp.shape(residual))}, but it is added to the "
+        f"normalized input of shape {tuple(x_shape)}; give it exactly that shape."
+    )
+  dtype = jnp.result_type(residual)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"`residual` must be floating point, got dtype {dtype}.")
+
+
+def slope(activation, negative_slope) -> float:
+  """``s``, the derivative of the activation for ``u <= 0``."""
+  return {None: 1.0, "relu": 0.0, "leaky_relu": float(negative_slope)}[activation]
+
+
+def apply(u: jax.Array, activation, negative_slope) -> jax.Array:
+  """``act(u)``."""
+  if activation is None:
+    return u
+  return jnp.where(u > 0, u, slope(activation, negative_slope) * u)
+
+
+def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
+  """``act(y + r)`` under plain autodiff."""
+  if residual is not None:
+    y = y + residual.astype(y.dtype)
+  return apply(y, activation, negative_slope)
+
+
+@partial(jax.checkpoint, static_argnums=(0,))
+def tangent_from_output(s: float, z: jax.Array, t: jax.Array) -> jax.Array:
+  """``act'(z) * t``, recomputed from ``z`` rather than saved as a mask."""
+  return jnp.where(z > 0, t, s * t)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def shifted_affine_act(activation, negative_slope, x, shift, a, b, residual):
+  """``act((x - K) a + b + r)``: per-feature ``K, a, b``; ``r`` of the shape of ``x`` or None."""
+  y = (x - shift) * a + b
+  return add_and_apply(y, residual, activation, negative_slope)
+
+
+@shifted_affine_act.defjvp
+def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
+  x, shift, a, b, residual = primals
+  dx, _, da, db, dresidual = tangents  # `shift` carries no gradient.
+  z = shifted_affine_act(activation, negative_slope, x, shift, a, b, residual)
+  du = dx * a + _fused._centered_product(x, shift, da) + db
+  if residual is not None:
+    du = du + dresidual.astype(du.dtype)
+  if activation is None:
+    return z, du
+  return z, tangent_from_output(slope(activation, negative_slope), z, du)

@@ -1,0 +1,137 @@
+"""Fused activation and residual: ``z = act(bn(x) + r)`` in the same passes."""
+
+import functools
+
+import _reference_variants as ref
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import assert_close, tolerance
+from jax._src.ad_checkpoint import saved_residuals
+from jax.test_util import check_grads
+
+import jaxbn
+
+ACTIVATIONS = [None, "relu", "leaky_relu"]
+SLOPE = 0.2  # a slope far from the default, so that a dropped slope shows.
+
+
+def _inputs(shape, axis, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  nd = len(shape)
+  c = shape[axis]
+  x = ref.expand(rng.uniform(-2, 2, c), axis, nd) + ref.expand(
+      rng.uniform(0.5, 2, c), axis, nd) * rng.standard_normal(shape)
+  x = jnp.asarray(x, dtype)
+  residual = jnp.asarray(rng.standard_normal(shape), dtype)
+  state = jaxbn.BatchNormState(jnp.asarray(rng.uniform(-1, 1, c), jnp.float32),
+                               jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+                               jnp.asarray(0, jnp.int32))
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, c), dtype)
+  bias = jnp.asarray(rng.uniform(-1, 1, c), dtype)
+  return x, residual, state, scale, bias
+
+
+def _bn(x, residual, state, scale, bias, *, training, axis, activation, implementation):
+  return jaxbn.batch_norm(x, state, scale, bias, training=training, axis=axis, momentum=0.9,
+                          activation=activation, negative_slope=SLOPE, residual=residual,
+                          implementation=implementation)[0]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(("shape", "axis", "dtype"), [
+    ((4, 3, 5, 6), -1, jnp.float32),
+    ((4, 6, 3, 5), 1, jnp.float32),
+    ((4, 3, 5, 6), -1, jnp.bfloat16),
+], ids=["nhwc", "nchw", "nhwc-bf16"])
+def test_outputs_against_the_reference(activation, shape, axis, dtype):
+  x, residual, state, scale, bias = _inputs(shape, axis, dtype)
+
+  @jax.jit
+  def run(x, residual, state, scale, bias):
+    return {(impl, training, with_residual): _bn(
+        x, residual if with_residual else None, state, scale, bias, training=training,
+        axis=axis, activation=activation, implementation=impl)
+            for impl in ("fused", "reference") for training in (True, False)
+            for with_residual in (True, False)}
+
+  x64, r64 = np.asarray(x, np.float64), np.asarray(residual, np.float64)
+  mean, var = ref.batch_stats(x64, axis)
+  for (impl, training, with_residual), z in run(x, residual, state, scale, bias).items():
+    stats = (mean, var) if training else (state.mean, state.var)
+    u = ref.normalize(x64, *stats, scale, bias, axis) + (r64 if with_residual else 0)
+    assert z.dtype == dtype and z.shape == shape
+    assert_close(z, ref.activation(u, activation, SLOPE), 4 * tolerance(dtype),
+                 f"{impl} {training=} {with_residual=}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_gradients_equal_plain_autodiff(activation):
+  x, residual, state, scale, bias = _inputs((4, 5, 3, 2), 1)
+  mask = jnp.asarray(np.random.default_rng(3).random((4, 1, 3, 2)) < 0.7)
+
+  def loss(implementation, x, residual, scale, bias):
+    z, new = jaxbn.batch_norm(x, state, scale, bias, training=True, axis=1, mask=mask,
+                              activation=activation, negative_slope=SLOPE, residual=residual,
+                              implementation=implementation)
+    return jnp.sum(jnp.sin(3 * z)) + jnp.sum(new.mean)
+
+  grads = jax.jit(lambda *args: [jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3))(
+      *args) for impl in ("fused", "reference")])(x, residual, scale, bias)
+  for fused, reference, name in zip(*grads, ["x", "residual", "scale", "bias"], strict=True):
+    assert_close(fused, np.asarray(reference, np.float64), 1e-4, name)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_check_grads_float64(activation):
+  with jax.enable_x64(True):
+    x, residual, state, scale, bias = _inputs((6, 3), -1, jnp.float64, seed=5)
+
+    def f(x, residual, scale, bias):
+      z, _ = jaxbn.batch_norm(x, state, scale, bias, training=True, activation=activation,
+                              negative_slope=SLOPE, residual=residual)
+      return z
+
+    # Finite differences need every pre-activation away from the kink.
+    u = jaxbn.batch_norm(x, state, scale, bias, training=True, residual=residual)[0]
+    assert np.min(np.abs(u)) > 1e-2
+    check_grads(jax.jit(f), (x, residual, scale, bias), order=2, modes=["fwd", "rev"])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_keeps_x_and_the_output_only(activation):
+  # Reverse mode keeps `x`, the output `z` (not when the activation is the identity)
+  # and per-feature values; not the residual, a mask or `x - K`.
+  x, residual, state, scale, bias = _inputs((4, 3, 5, 6), -1)
+
+  def f(x, residual, scale, bias):
+    z, _ = jaxbn.batch_norm(x, state, scale, bias, training=True, activation=activation,
+                            residual=residual)
+    return z
+
+  saved = [why for aval, why in saved_residuals(f, x, residual, scale, bias)
+           if aval.size == x.size]
+  expected = 1 if activation is None else 2
+  assert len(saved) == expected, saved
+  assert "from the argument x" in saved
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(activation="gelu"), ValueError,
+     r"`activation` must be one of \(None, 'relu', 'leaky_relu'\), got 'gelu'"),
+    (dict(activation="leaky_relu", negative_slope=-0.1), ValueError,
+     r"`negative_slope` must be a finite float >= 0, got -0\.1"),
+    (dict(activation="leaky_relu", negative_slope=jnp.float32(0.1)), TypeError,
+     r"`negative_slope` must be a Python float \(it is static\)"),
+    (dict(residual=jnp.ones((5, 1))), ValueError,
+     r"`residual` has shape \(5, 1\), but it is added to the normalized input of shape "
+     r"\(5, 3\); give it exactly that shape"),
+    (dict(residual=jnp.ones((5, 3), jnp.int32)), TypeError,
+     r"`residual` must be floating point, got dtype int32"),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_bad_input(kwargs, error, match, training):
+  x = jnp.ones((5, 3))
+  with pytest.raises(error, match=match):
+    jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(3), training=training, **kwargs))(x)
