@@ -73,7 +73,7 @@ def bench_fused_activation(shapes, reps, warmup) -> list[dict]:
       start = time.perf_counter()
       compiled = jax.jit(step).lower(*args, dz).compile()
       compile_ms[name] = (time.perf_counter() - start) * 1e3
-      runs[name] = lambda compiled=compiled: compiled(*args, dz)
+      runs[name] = lambda compiled=compiled, args=args, dz=dz: compiled(*args, dz)
       residuals[name] = residual_bytes(f, *args)
     samples = time_interleaved(runs, reps, warmup)
     for name, times in samples.items():
