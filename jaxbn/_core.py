@@ -271,9 +271,18 @@ def _normalize_with_batch_stats(
     negative_slope,
     residual,
 ):
-  """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch."""
+  """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch.
+
+  ``x`` is the caller's array; the fused path reads it as stored (see ``_fused``).
+  """
+  stored, x = x, x.astype(_stats.compute_dtype(x.dtype))
   moments = _stats.global_moments(
-      x, feature_axes, mask, axis_name, axis_index_groups, implementation=implementation
+      stored if implementation == "fused" else x,
+      feature_axes,
+      mask,
+      axis_name,
+      axis_index_groups,
+      implementation=implementation,
   )
   var = moments.var
   scale, bias = (_broadcastable(v, x.ndim, feature_axes, x.dtype) for v in (scale, bias))
@@ -292,7 +301,7 @@ def _normalize_with_batch_stats(
     if bias is not None:
       b = b + bias
     if activation is None and residual is None:
-      y = _fused.shifted_affine(x, moments.shift, a, b)
+      y = _fused.shifted_affine(x, stored, moments.shift, a, b)
     else:
       y = _activation.shifted_affine_act(
           activation, negative_slope, x, moments.shift, a, b, residual
@@ -482,7 +491,7 @@ def batch_norm(
     )
   if use_batch_stats:
     y, moments = _normalize_with_batch_stats(
-        compute_x,
+        x,
         feature_axes,
         scale,
         bias,

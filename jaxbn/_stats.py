@@ -97,18 +97,22 @@ def local_moments(
   """Moments of ``x`` on this device.
 
   Args:
-    x: input in the compute dtype.
+    x: the input; the sums run in the compute dtype (the fused sums read a
+      half-precision ``x`` as it is, converting in registers).
     axes: the reduction axes.
     mask: ``None`` or a boolean array broadcastable to ``x``.
     implementation: ``"fused"`` differentiates the sums with a custom rule that
       keeps only ``x`` as residual; ``"reference"`` uses plain autodiff.
 
   Returns:
-    ``Moments`` with size-1 reduction axes.
+    ``Moments`` with size-1 reduction axes, in the compute dtype.
   """
-  shift = _first_valid_sample(x, axes, mask)
-  sums = _fused.shifted_sums if implementation == "fused" else _fused.shifted_sums_reference
-  s1, s2 = sums(axes, x, shift, mask)
+  stored, x = x, x.astype(compute_dtype(x.dtype))
+  shift = _first_valid_sample(stored, axes, mask).astype(x.dtype)
+  if implementation == "fused":
+    s1, s2 = _fused.shifted_sums(axes, x, stored, shift, mask)
+  else:
+    s1, s2 = _fused.shifted_sums_reference(axes, x, shift, mask)
   if mask is None:
     count = jnp.full(s1.shape, x.size // s1.size, x.dtype)
   else:
