@@ -122,22 +122,36 @@ def local_moments(
   return Moments(count, shift, delta, jnp.maximum(s2 - s1 * delta, 0))
 
 
-def _all_gather(value: jax.Array, axis_name: AxisName, axis_index_groups) -> jax.Array:
-  """``lax.all_gather`` over this device's group, stacked along a new leading axis."""
-  if axis_index_groups is None:
-    # Inside `shard_map`, mark the result as the same on every device, so that
-    # the statistics may leave it with `out_specs=P()`.
-    varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
-    to = "invarying" if set(_names(axis_name)) <= varying else "varying"
-    return lax.all_gather(value, axis_name, to=to)
+def _gather(value: jax.Array, axis_name: AxisName, axis_index_groups) -> jax.Array:
+  """The ``value`` of every device in this device's group, stacked on a new leading axis."""
   try:
-    return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+    return _gather_groups(value, axis_name, axis_index_groups)
   except NotImplementedError:
-    # `vmap` has no grouped collectives: gather everyone, keep this group's rows.
+    # `vmap`, and `psum` in `shard_map`, have no groups: take all, keep this group's rows.
     groups = np.asarray(axis_index_groups)
     group_of = np.argsort(groups.ravel()) // groups.shape[1]  # index -> its group
     members = jnp.asarray(groups)[jnp.asarray(group_of)[lax.axis_index(axis_name)]]
-    return lax.all_gather(value, axis_name)[members]
+    return _gather_groups(value, axis_name, None)[members]
+
+
+def _gather_groups(value, axis_name, axis_index_groups):
+  varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
+  if not set(_names(axis_name)) <= varying:  # vmap, pmap
+    return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+  # In `shard_map`, a `psum` of `value` placed in this device's slot: unlike an
+  # `all_gather`, its result is typed as the same on every device (so statistics
+  # may leave with `out_specs=P()`), and its transpose is a local sum, not a
+  # slice that XLA would recompute inside the backward's elementwise pass.
+  index = lax.axis_index(axis_name)
+  if axis_index_groups is None:
+    size, position = lax.axis_size(axis_name), index
+  else:
+    groups = np.asarray(axis_index_groups)
+    size = groups.shape[1]
+    position = jnp.asarray(np.argsort(groups.ravel()) % size)[index]  # place in its group
+  slots = jnp.arange(size).reshape((size,) + (1,) * value.ndim)
+  placed = jnp.where(slots == position, value[None], jnp.zeros_like(value[None]))
+  return lax.psum(placed, axis_name, axis_index_groups=axis_index_groups)
 
 
 def all_reduce_moments(
@@ -145,10 +159,12 @@ def all_reduce_moments(
 ) -> Moments:
   """Combines the moments of all devices along ``axis_name`` (Chan et al., 1979).
 
-  One ``all_gather`` of ``(n_i, K_i, delta_i, M2_i)`` per step (``4 C`` numbers
-  per device for ``C`` features); then, relative to the shift ``K`` of the
-  first device in the group that holds data, with ``d_i = (K_i - K) + delta_i``
-  and ``n = sum n_i``::
+  One collective per step gathers ``(n_i, K_i, delta_i, M2_i)`` of the ``G``
+  devices of the group (``4 C`` numbers each for ``C`` features): an
+  ``all_gather`` under ``vmap`` and ``pmap``, a ``psum`` of a ``(G, 4, C)``
+  array in ``shard_map``. Then, relative to the shift ``K`` of the first device
+  in the group that holds data, with ``d_i = (K_i - K) + delta_i`` and
+  ``n = sum n_i``::
 
       delta = sum(n_i d_i) / n
       M2 = sum(M2_i + n_i (d_i - delta)^2)
@@ -161,7 +177,7 @@ def all_reduce_moments(
   if axis_name is None:
     return moments
   stacked = jnp.stack(jnp.broadcast_arrays(*moments))
-  gathered = _all_gather(stacked, axis_name, axis_index_groups)
+  gathered = _gather(stacked, axis_name, axis_index_groups)
   counts, shifts, deltas, m2s = jnp.moveaxis(gathered, 1, 0)
   first = jnp.argmax(counts > 0, axis=0, keepdims=True)
   shift = jnp.take_along_axis(shifts, first, axis=0)
@@ -186,11 +202,11 @@ def _explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
 
 
 def _sharded_moments(x, axes, mask, mesh_axes, *, implementation) -> Moments:
-  """Moments of an explicitly sharded ``x``: per shard, then one ``all_gather``.
+  """Moments of an explicitly sharded ``x``: per shard, then one collective.
 
   Under ``jit`` the shift ``K`` of the whole array would be a sample held by one
-  device; each shard takes its own instead, so the only collective is the
-  gather of the shards' moments.
+  device; each shard takes its own instead, so the only collective is the one
+  that gathers the shards' moments (see ``all_reduce_moments``).
   """
   sharding = jax.typeof(x).sharding
   # Outside `jit` the array holds the mesh of real devices that `reshard` needs.
