@@ -35,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--reps", type=int, help="timed rounds per case (default 50)")
   parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
   parser.add_argument(
+      "--system-allocator",
+      action="store_true",
+      help="leave glibc malloc as configured (freed memory goes back to the system, and "
+      "timings include page faults that depend on the order of the contenders)",
+  )
+  parser.add_argument(
+      "--wait-idle",
+      type=float,
+      default=0.0,
+      metavar="SECONDS",
+      help="on a shared machine, wait up to SECONDS before each case for other "
+      "processes to go idle (default: do not wait)",
+  )
+  parser.add_argument(
       "--out",
       type=Path,
       default=Path(__file__).parent / "results",
@@ -47,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   notes = []
+  if not args.system_allocator:
+    note = runner.retain_freed_memory()
+    notes.append(note or "the system allocator is not glibc; left as it is.")
   torch = None
   if not args.no_torch:
     try:
@@ -64,6 +81,7 @@ def main(argv=None) -> int:
       torch=torch,
       reps=args.reps or (QUICK_REPS if args.quick else runner.Config.reps),
       quick=args.quick,
+      wait_idle=args.wait_idle,
       progress=sys.stderr.isatty(),
       notes=notes,
   )

@@ -114,6 +114,11 @@ def table(doc: dict) -> str:
       f"jax {doc['jax_version']}, flax {doc['flax_version']}, torch {doc['torch_version']}",
       "x-ratios are time / the other's time: below 1 is faster.",
   ]
+  if "other_load_median" in doc:
+    lines.append(
+        f"Other processes took {doc['other_load_median']:.0%} of the cores while a case "
+        f"was timed (median over cases; max {doc['other_load_max']:.0%})."
+    )
   for dtype in DTYPES:
     for mode in MODES:
       rows = [r for r in doc["results"] if r["dtype"] == dtype and r["mode"] == mode]

@@ -1,11 +1,12 @@
 """Runs the contenders interleaved and assembles the results document.
 
 For each (shape, dtype, mode) every contender is compiled first (compile time
-recorded apart), warmed up, then timed call by call in rotating order, one
-call of each per round, so that a slow spell of the machine hits all of them
-alike; the median over rounds is reported. A bandwidth probe (``x + 1``, one
-read and one write) runs in the same rounds; the ideal time of a mode is its
-minimal traffic over the probe's bandwidth:
+recorded apart), warmed up, then timed a few calls at a time in rotating
+order, so that a slow spell of the machine hits all of them alike; the median
+over all timed calls is reported. JAX and PyTorch contenders take turns in
+blocks (see ``time_interleaved``).
+A bandwidth probe (``x + 1``, one read and one write) runs in the JAX rounds;
+the ideal time of a mode is its minimal traffic over the probe's bandwidth:
 
     forward            3 N elements: read x for the statistics, read x, write y
     forward+backward   8 N: the forward, then read dy and x for the two sums,
@@ -42,6 +43,7 @@ from .contenders import (
 from .shapes import SHAPES, Shape
 
 IDEAL_ELEMENT_PASSES = {"forward": 3, "forward+backward": 8, "inference": 2}
+_SETTLE_SECONDS = 0.05  # idle time between phases, for spinning threads to sleep
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,36 @@ class Config:
   warmup: int = 3
   quick: bool = False
   progress: bool = True
+  wait_idle: float = 0.0  # seconds to wait, before each case, for other processes to go idle
   notes: list[str] = field(default_factory=list)
+
+
+def retain_freed_memory() -> str | None:
+  """Makes glibc's malloc keep freed memory for reuse; returns a note, or None if not glibc.
+
+  By default glibc returns large freed blocks to the system, and the next
+  allocation of that size takes one page fault per 4 KiB page (about 1 us
+  each on this kind of virtual machine: 12 ms per call for the two 25 MB
+  outputs of a training step). Whether a block goes back depends on what the
+  previous calls allocated, so a contender's time changed threefold with the
+  contenders timed before it. One arena, no ``mmap`` and no trimming make
+  every contender reuse its memory, so that the timings measure the kernels;
+  scratch memory still shows in ``peak_bytes``. Call before the first thread
+  of JAX or PyTorch starts.
+  """
+  import ctypes
+  import ctypes.util
+
+  name = ctypes.util.find_library("c")
+  try:
+    mallopt = ctypes.CDLL(name).mallopt
+  except (OSError, AttributeError, TypeError):
+    return None
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  if not all(mallopt(opt, value) for opt, value in (
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))):
+    return None
+  return "glibc malloc set to keep freed memory (one arena, no mmap, no trimming)."
 
 
 def cores() -> int:
@@ -75,21 +106,87 @@ def _block(out) -> None:
 
 
 def time_interleaved(
-    runs: dict[str, Callable[[], Any]], reps: int, warmup: int
+    phases: Sequence[dict[str, Callable[[], Any]]],
+    reps: int,
+    warmup: int,
+    blocks: int = 5,
+    burst: int = 2,
 ) -> dict[str, list[float]]:
-  """Times each ``run()`` ``reps`` times, one call of each per round, in milliseconds."""
-  names = list(runs)
-  for name in names:
-    for _ in range(warmup):
-      _block(runs[name]())
-  samples = {name: [] for name in names}
-  for r in range(reps):
-    shift = r % len(names)
-    for name in names[shift:] + names[:shift]:
-      start = time.perf_counter()
-      _block(runs[name]())
-      samples[name].append((time.perf_counter() - start) * 1e3)
+  """Times each ``run()`` ``reps`` times, in milliseconds.
+
+  Within a phase, the runs take turns in rotating order; each turn makes one
+  untimed call, then ``burst`` timed ones. A run thus meets the memory
+  allocator in its own steady state, not in the state its neighbour left: a
+  contender that frees large scratch buffers makes glibc return the pages to
+  the system, and the next contender pays thousands of page faults per call
+  to get them back, which it would not pay in a network made of its own
+  layers. Phases (one per framework) alternate in ``blocks`` blocks of turns,
+  with a pause between them: PyTorch's OpenMP threads spin for a while after
+  each call and would otherwise take the cores from the next JAX call (on 2
+  cores a JAX step timed right after a PyTorch call runs several times
+  slower).
+  """
+  samples = {}
+  for runs in phases:
+    for name, run in runs.items():
+      samples[name] = []
+      for _ in range(warmup):
+        _block(run())
+  turns = -(-reps // burst)
+  for block in range(blocks):
+    for runs in phases:
+      time.sleep(_SETTLE_SECONDS)
+      names = list(runs)
+      for turn in range(block * turns // blocks, (block + 1) * turns // blocks):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+          _block(runs[name]())
+          for _ in range(burst):
+            start = time.perf_counter()
+            _block(runs[name]())
+            samples[name].append((time.perf_counter() - start) * 1e3)
   return samples
+
+
+class _CpuMeter:
+  """CPU time taken by other processes, from ``/proc`` (Linux; elsewhere it reads 0).
+
+  Timings on a shared machine are only as good as the machine is idle; the
+  document records the share of the cores that other processes took.
+  """
+
+  def __init__(self):
+    self.start = self._read()
+
+  @staticmethod
+  def _read():
+    try:
+      with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+      with open("/proc/self/stat") as f:
+        mine = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      return None
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return sum(fields), busy - int(mine[11]) - int(mine[12])  # minus our utime + stime
+
+  def others(self) -> float:
+    """The share of all cores that other processes used since the start."""
+    now = self._read()
+    if now is None or self.start is None or now[0] == self.start[0]:
+      return 0.0
+    return max(0.0, (now[1] - self.start[1]) / (now[0] - self.start[0]))
+
+
+def wait_until_idle(timeout: float, threshold: float = 0.1, interval: float = 1.0) -> float:
+  """Waits (at most ``timeout`` s) until other processes use < ``threshold`` of the cores."""
+  deadline = time.monotonic() + timeout
+  while True:
+    meter = _CpuMeter()
+    time.sleep(interval)
+    share = meter.others()
+    if share < threshold or time.monotonic() > deadline:
+      return share
 
 
 def _torch_reference(mode, shape_key, dtype, medians):
@@ -104,16 +201,22 @@ def run(config: Config) -> dict:
   from tqdm.auto import tqdm
 
   groups = list(product(config.shapes, config.dtypes, config.modes))
-  rows, medians, copy_samples = [], {}, {}
+  rows, medians, copy_samples, others = [], {}, {}, []
   for shape, dtype, mode in tqdm(groups, disable=not config.progress, unit="case"):
+    if config.wait_idle:
+      wait_until_idle(config.wait_idle)
     jax_names = [n for n in config.contenders if n in JAX_CONTENDERS]
     cases = jax_cases(shape, jnp.dtype(dtype), mode, jax_names)
+    phases = [{case.contender: case.run for case in cases}]
+    phases[0]["copy"] = copy_case(shape, jnp.dtype(dtype))
     if config.torch is not None:
       more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch)
-      cases += [case for case in more if case.contender in config.contenders]
-    runs = {case.contender: case.run for case in cases}
-    runs["copy"] = copy_case(shape, jnp.dtype(dtype))
-    samples = time_interleaved(runs, config.reps, config.warmup)
+      more = [case for case in more if case.contender in config.contenders]
+      phases.append({case.contender: case.run for case in more})
+      cases += more
+    meter = _CpuMeter()
+    samples = time_interleaved(phases, config.reps, config.warmup)
+    others.append(meter.others())
     copy_samples.setdefault((shape.key, dtype), []).extend(samples.pop("copy"))
     for case in cases:
       median = statistics.median(samples[case.contender])
@@ -177,6 +280,9 @@ def run(config: Config) -> dict:
       "quick": config.quick,
       "reps": config.reps,
       "notes": list(config.notes),
+      # The share of all cores other processes took while each case was timed.
+      "other_load_median": statistics.median(others),
+      "other_load_max": max(others),
       "copy_gbps": copy_gbps,
       "results": rows,
   }

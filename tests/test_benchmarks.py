@@ -12,7 +12,10 @@ from benchmarks.shapes import TINY
 
 
 def test_cli_writes_a_valid_document_and_chart(tmp_path, capsys):
-  cli.main(["--shapes", TINY.name, "--dtypes", "float32", "--reps", "2", "--out", str(tmp_path)])
+  cli.main([
+      "--shapes", TINY.name, "--dtypes", "float32", "--reps", "2", "--out", str(tmp_path),
+      "--system-allocator",
+  ])
   (path,) = tmp_path.glob("*.json")
   doc = json.loads(path.read_text())
   report.validate(doc)
@@ -47,7 +50,7 @@ def test_cli_runs_without_torch(monkeypatch, capsys):
   monkeypatch.setattr(builtins, "__import__", no_torch)
   cli.main(
       ["--shapes", TINY.name, "--modes", "inference", "--contenders", "jaxbn", "torch-nchw",
-       "--dtypes", "float32", "--reps", "1", "--no-save"]
+       "--dtypes", "float32", "--reps", "1", "--no-save", "--system-allocator"]
   )
   out, err = capsys.readouterr()
   assert "PyTorch rows skipped" in err
