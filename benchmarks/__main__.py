@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from . import contenders, report, runner
-from .shapes import BY_NAME, MLP, RESNET_MID, SHAPES, TINY
+from .shapes import BY_NAME, SHAPES
 
-# --quick: three shapes (one image layer, the MLP, the tiny one), float32, all modes.
-QUICK_SHAPES = (RESNET_MID, MLP, TINY)
-QUICK_REPS = 15
+# --quick: every shape and mode in float32, fewer rounds (about a minute on 2 cores).
+QUICK_DTYPES = ("float32",)
+QUICK_REPS = 20
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +20,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--quick",
       action="store_true",
-      help=f"shapes {', '.join(s.name for s in QUICK_SHAPES)}, float32 only, "
-      f"{QUICK_REPS} rounds (under 3 minutes on 2 cores)",
+      help=f"{', '.join(QUICK_DTYPES)} only, {QUICK_REPS} timed calls per case "
+      "(about a minute on 2 cores); results go to <device>-<date>-quick.json",
   )
   parser.add_argument("--shapes", nargs="+", choices=list(BY_NAME), help="shapes to run")
   parser.add_argument("--dtypes", nargs="+", choices=list(report.DTYPES), help="dtypes to run")
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
       choices=list(contenders.JAX_CONTENDERS + contenders.TORCH_CONTENDERS),
       help="contenders to run (default: all)",
   )
-  parser.add_argument("--reps", type=int, help="timed rounds per case (default 50)")
+  parser.add_argument("--reps", type=int, help="timed calls per contender and case (default 50)")
   parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
   parser.add_argument(
       "--system-allocator",
@@ -73,9 +73,8 @@ def main(argv=None) -> int:
     else:
       torch.set_num_threads(runner.cores())
   config = runner.Config(
-      shapes=[BY_NAME[n] for n in args.shapes] if args.shapes else
-      (QUICK_SHAPES if args.quick else SHAPES),
-      dtypes=args.dtypes or (("float32",) if args.quick else report.DTYPES),
+      shapes=[BY_NAME[n] for n in args.shapes] if args.shapes else SHAPES,
+      dtypes=args.dtypes or (QUICK_DTYPES if args.quick else report.DTYPES),
       modes=args.modes or contenders.MODES,
       contenders=args.contenders or runner.Config.contenders,
       torch=torch,
