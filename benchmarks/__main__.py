@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
       default=0.0,
       metavar="SECONDS",
       help="on a shared machine, wait up to SECONDS before each case for other "
-      "processes to go idle (default: do not wait)",
+      "processes to go idle, and time a case again (twice at most) when they took "
+      "over 10%% of the cores meanwhile (default: do not wait)",
   )
   parser.add_argument(
       "--out",

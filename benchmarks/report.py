@@ -117,7 +117,8 @@ def table(doc: dict) -> str:
   if "other_load_median" in doc:
     lines.append(
         f"Other processes took {doc['other_load_median']:.0%} of the cores while a case "
-        f"was timed (median over cases; max {doc['other_load_max']:.0%})."
+        f"was timed (median over cases; max {doc['other_load_max']:.0%}); * marks cases "
+        "where they took 10% or more."
     )
   for dtype in DTYPES:
     for mode in MODES:
@@ -130,9 +131,11 @@ def table(doc: dict) -> str:
       for r in rows:
         key = "x".join(map(str, r["shape"]))
         compile_ms = r.get("compile_ms")
+        busy = "*" if (r.get("other_load") or 0) >= 0.1 else " "
+        label = key if key != previous else ""
         lines.append(
-            f"{key if key != previous else '':>16} {r['contender']:<20} {r['median_ms']:9.3f} "
-            f"{r['gbps']:7.1f} {r['x_ideal']:8.2f} {_ratio(r['x_flax']):>7} "
+            f"{label:>16} {r['contender']:<20} {r['median_ms']:8.3f}{busy} "
+            f"{r['gbps']:7.2f} {r['x_ideal']:8.2f} {_ratio(r['x_flax']):>7} "
             f"{_ratio(r['x_torch']):>8} {_megabytes(r['residual_bytes']):>9} "
             f"{_megabytes(r['peak_bytes']):>8} "
             f"{'' if compile_ms is None else f'{compile_ms:.0f}':>10}"
