@@ -25,6 +25,7 @@ from jax.typing import ArrayLike
 
 from jaxbn import _activation
 from jaxbn import _fused
+from jaxbn import _inplace
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._state import BatchNormState
@@ -257,6 +258,16 @@ def _update_running_stats(
   )
 
 
+def _coefficients(moments, scale, bias, epsilon):
+  """``(a, b)`` with ``y = (x - K) a + b``: ``a = scale * rstd``, ``b = bias - (mean - K) a``."""
+  rstd = lax.rsqrt(moments.var + epsilon)
+  a = rstd if scale is None else rstd * scale
+  b = -moments.delta * a
+  if bias is not None:
+    b = b + bias
+  return a, b
+
+
 def _normalize_with_batch_stats(
     x,
     feature_axes,
@@ -270,12 +281,26 @@ def _normalize_with_batch_stats(
     activation,
     negative_slope,
     residual,
+    inplace,
 ):
   """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch.
 
   ``x`` is the caller's array; the fused path reads it as stored (see ``_fused``).
   """
   stored, x = x, x.astype(_stats.compute_dtype(x.dtype))
+  scale, bias = (_broadcastable(v, x.ndim, feature_axes, x.dtype) for v in (scale, bias))
+  if inplace:
+    return _inplace.normalize_with_batch_stats(
+        x,
+        feature_axes,
+        lambda moments: _coefficients(moments, scale, bias, epsilon),
+        mask,
+        axis_name,
+        axis_index_groups,
+        activation,
+        negative_slope,
+        residual,
+    )
   moments = _stats.global_moments(
       stored if implementation == "fused" else x,
       feature_axes,
@@ -284,10 +309,8 @@ def _normalize_with_batch_stats(
       axis_index_groups,
       implementation=implementation,
   )
-  var = moments.var
-  scale, bias = (_broadcastable(v, x.ndim, feature_axes, x.dtype) for v in (scale, bias))
-  rstd = lax.rsqrt(var + epsilon)
   if implementation == "reference":
+    rstd = lax.rsqrt(moments.var + epsilon)
     y = (x - moments.shift - moments.delta) * rstd  # = (x - mean) * rstd, unrounded
     if scale is not None:
       y = y * scale
@@ -295,11 +318,7 @@ def _normalize_with_batch_stats(
       y = y + bias
     y = _activation.add_and_apply(y, residual, activation, negative_slope)
   else:
-    # y = (x - K) a + b with a = scale * rstd and b = bias - (mean - K) a.
-    a = rstd if scale is None else rstd * scale
-    b = -moments.delta * a
-    if bias is not None:
-      b = b + bias
+    a, b = _coefficients(moments, scale, bias, epsilon)
     if activation is None and residual is None:
       y = _fused.shifted_affine(x, stored, moments.shift, a, b)
     else:
@@ -351,6 +370,7 @@ def batch_norm(
     activation: _activation.Activation = None,
     negative_slope: float = 0.01,
     residual: ArrayLike | None = None,
+    inplace: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """One batch-norm step: normalize ``x`` and return the next running statistics.
 
@@ -375,6 +395,14 @@ def batch_norm(
   with ``s = negative_slope``. The ``"fused"`` backward pass reads ``x``, the
   output ``z`` and the incoming gradient, and keeps nothing else of size
   ``x``: the activation's derivative is read off the sign of ``z``.
+
+  ``inplace=True`` is In-Place Activated BatchNorm (Rota Bulò et al., 2018):
+  with an invertible activation (``None``, or ``"leaky_relu"`` with a positive
+  slope) reverse mode keeps the output ``z`` instead of ``x``, and recovers
+  ``x_hat = (act^-1(z) - r - bias) / scale`` in the backward pass. In a network
+  the output is kept anyway as the next layer's input, so each batch norm
+  stops holding an activation-sized buffer of its own. Every ``scale`` entry
+  must then be nonzero.
 
   ``training`` is the shorthand for two switches, which override it when
   given: ``use_batch_stats`` (normalize with the batch statistics rather than
@@ -428,6 +456,8 @@ def batch_norm(
       inputs, a Python float (0.01 as in ``jax.nn.leaky_relu``).
     residual: optional array of the shape of ``x`` added to the normalized
       features before the activation (a ResNet shortcut).
+    inplace: Python bool; the memory-saving backward pass of In-Place ABN
+      (keeps the output and the residual, not ``x``) for batch statistics.
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state``
@@ -441,8 +471,9 @@ def batch_norm(
       or ``bias`` do not have the feature shape; ``mask`` does not broadcast;
       ``momentum`` or ``epsilon`` are out of range; ``averaging`` or
       ``activation`` is unknown; ``negative_slope`` is negative; ``residual``
-      does not have the shape of ``x``; or batch statistics are asked of a
-      single entry per feature.
+      does not have the shape of ``x``; ``inplace=True`` comes with ``"relu"``
+      or the ``"reference"`` implementation; or batch statistics are asked of
+      a single entry per feature.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -470,6 +501,10 @@ def batch_norm(
   if update_stats:
     _check_averaging(momentum, averaging, unbiased_var, True, skip_nonfinite, stacklevel=3)
   _activation.check(activation, negative_slope, residual, x.shape)
+  if not isinstance(inplace, bool):
+    raise TypeError(f"`inplace` must be a Python bool, got {inplace!r}.")
+  if inplace:
+    _inplace.check(activation, negative_slope, implementation)
   compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if residual is not None:
     residual = jnp.asarray(residual).astype(compute_x.dtype)
@@ -503,6 +538,7 @@ def batch_norm(
         activation,
         negative_slope,
         residual,
+        inplace,
     )
   else:
     y = normalize_with_running_stats()
