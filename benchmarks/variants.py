@@ -6,6 +6,12 @@
    ``flax.linen.BatchNorm`` followed by the same. Median time over interleaved
    rounds (compile time apart) and the bytes the VJP keeps for the backward
    pass (its residuals, the input ``x`` included).
+2. Memory of a 20-layer conv + BN + leaky_relu network, training step, with
+   the fused backward (keeps each BN's input) and the In-Place ABN one
+   (``inplace=True``: keeps each BN's output, which the next convolution keeps
+   anyway): residual bytes and activation-sized residuals as JAX's reverse mode
+   asks to keep them, the compiled step's temporary memory as XLA plans it, and
+   the step's median time.
 """
 
 import argparse
@@ -15,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import jaxbn
 
@@ -75,7 +82,7 @@ def bench_fused_activation(shapes, reps, warmup) -> list[dict]:
       compile_ms[name] = (time.perf_counter() - start) * 1e3
       runs[name] = lambda compiled=compiled, args=args, dz=dz: compiled(*args, dz)
       residuals[name] = residual_bytes(f, *args)
-    samples = time_interleaved(runs, reps, warmup)
+    samples = time_interleaved([runs], reps, warmup)
     for name, times in samples.items():
       rows.append({"shape": shape.key, "contender": name,
                    "median_ms": statistics.median(times), "compile_ms": compile_ms[name],
@@ -93,6 +100,63 @@ def _print_fused_activation(rows) -> None:
           f"{row['residual_bytes'] / row['x_bytes']:12.2f}")
 
 
+def _conv_bn_network(kernels, x, inplace):
+  """``x -> leaky_relu(bn(conv(x)))``, once per kernel; returns the sum of squares."""
+  for w in kernels:
+    h = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, _ = jaxbn.batch_norm(h, jaxbn.init_state(w.shape[-1]), jnp.ones(w.shape[-1]),
+                            jnp.zeros(w.shape[-1]), training=True, activation="leaky_relu",
+                            inplace=inplace)
+  return jnp.sum(jnp.square(x))
+
+
+def bench_inplace_memory(shape, layers, reps, warmup) -> list[dict]:
+  """Residual and compiled memory of the network's training step, fused and in place."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  c = shape[-1]
+  kernels = [jnp.asarray(rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c), jnp.float32)
+             for _ in range(layers)]
+  rows, runs = [], {}
+  for inplace in (False, True):
+    name = "in-place" if inplace else "fused"
+
+    def loss(kernels, x, inplace=inplace):
+      return _conv_bn_network(kernels, x, inplace)
+
+    vjp_fn = jax.eval_shape(lambda k, x, loss=loss: jax.vjp(loss, k, x)[1], kernels, x)
+    leaves = jax.tree.leaves(vjp_fn)
+    compiled = jax.jit(jax.grad(loss)).lower(kernels, x).compile()
+    memory = compiled.memory_analysis()
+    runs[name] = lambda compiled=compiled: compiled(kernels, x)
+    rows.append({
+        "backward": name,
+        "residual_bytes": int(sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)),
+        "activation_sized": sum(leaf.size == x.size for leaf in leaves),
+        "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
+    })
+  samples = time_interleaved([runs], reps, warmup)
+  for row in rows:
+    row["median_ms"] = statistics.median(samples[row["backward"]])
+  return rows
+
+
+def _print_inplace_memory(rows, shape, layers) -> None:
+  mb = 2**20
+  activation = int(np.prod(shape)) * 4
+  print(f"\n{layers} x (conv 3x3 -> BN -> leaky_relu), x {'x'.join(map(str, shape))} float32 "
+        f"({activation / mb:.2f} MB per activation), training step")
+  print(f"{'backward':>9} {'residual MB':>12} {'activation-sized':>17} {'XLA temp MB':>12} "
+        f"{'median ms':>10}")
+  for row in rows:
+    temp = "n/a" if row["temp_bytes"] is None else f"{row['temp_bytes'] / mb:.2f}"
+    print(f"{row['backward']:>9} {row['residual_bytes'] / mb:12.2f} "
+          f"{row['activation_sized']:17d} {temp:>12} {row['median_ms']:10.2f}")
+  print("residual MB / activation-sized: what reverse mode keeps between a separate forward\n"
+        "and backward (jax.vjp, remat, offloading). XLA temp: the jitted step as one program,\n"
+        "in which XLA may recompute elementwise chains instead of reading what JAX kept.")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.variants", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +169,8 @@ def main(argv=None) -> int:
   print(f"device: {device.platform} ({device.device_kind}), {cores()} cores, jax {jax.__version__}")
   rows = bench_fused_activation(QUICK_SHAPES if args.quick else FULL_SHAPES, reps, warmup=2)
   _print_fused_activation(rows)
+  shape, layers = ((4, 16, 16, 32) if args.quick else (8, 32, 32, 64)), 20
+  _print_inplace_memory(bench_inplace_memory(shape, layers, reps, warmup=2), shape, layers)
   return 0
 
 
