@@ -209,11 +209,12 @@ def run(config: Config) -> dict:
     cases = jax_cases(shape, jnp.dtype(dtype), mode, jax_names)
     phases = [{case.contender: case.run for case in cases}]
     phases[0]["copy"] = copy_case(shape, jnp.dtype(dtype))
-    if config.torch is not None:
+    if config.torch is not None and set(config.contenders) & set(TORCH_CONTENDERS):
       more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch)
       more = [case for case in more if case.contender in config.contenders]
-      phases.append({case.contender: case.run for case in more})
-      cases += more
+      if more:
+        phases.append({case.contender: case.run for case in more})
+        cases += more
     for _ in range(_ATTEMPTS if config.wait_idle else 1):
       if config.wait_idle:
         wait_until_idle(config.wait_idle)
