@@ -150,6 +150,7 @@ def plot(doc: dict, path: Path) -> Path:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in doc["results"])]
   present = {r["contender"] for r in doc["results"]} - {"ideal"}
@@ -168,6 +169,8 @@ def plot(doc: dict, path: Path) -> Path:
       ax.bar(xs, [values.get(s, 0) for s in shapes], width, label=name)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_xticks(range(len(shapes)), ["x".join(map(str, s)) for s in shapes], rotation=20)
     ax.set_title(f"{mode}, {dtype}")
     ax.set_ylabel("time / ideal time (lower is better)")
