@@ -1,21 +1,52 @@
 """``jaxbn.linen.BatchNorm``: a drop-in for ``flax.linen.BatchNorm``.
 
 Same attributes, same call signature, same variables (``params/scale``,
-``params/bias``, ``batch_stats/mean``, ``batch_stats/var``), so checkpoints made
-with Flax's module load unchanged. The math is ``jaxbn.batch_norm``: stable
-one-pass statistics whatever ``use_fast_variance`` says, count-weighted
-statistics across devices, and a backward pass that saves only the input.
+``params/bias``, ``batch_stats/mean``, ``batch_stats/var``, with Flax's shapes
+and dtypes), so checkpoints made with Flax's module load unchanged. The math is
+``jaxbn.batch_norm``: stable one-pass statistics whatever ``use_fast_variance``
+says, count-weighted statistics across devices, and a backward pass that saves
+only the input.
+
+Two inputs that ``jaxbn.batch_norm`` refuses are handed to Flax's own
+implementation so that existing models keep running: complex inputs, and
+batch statistics of a single value per feature (then the variance is 0 and
+the output is the bias alone; a ``UserWarning`` says so).
 """
 
+import math
+import warnings
+
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from jaxbn import _core
-from jaxbn import _stats
-from jaxbn import _validation
+from jaxbn import _core, _validation
 from jaxbn._state import BatchNormState
+
+
+def _flax_fallback(x, feature_axes, *, training: bool, mask, axis_name) -> bool:
+  """Whether the Flax modules hand ``x`` to Flax's implementation; warns when degenerate.
+
+  Flax accepts two inputs that ``jaxbn.batch_norm`` refuses: complex ``x``, and
+  training on a single value per feature (no ``mask``, no ``axis_name``), where
+  the batch variance is 0. Both keep Flax's behaviour in the modules.
+  """
+  if jnp.iscomplexobj(x):
+    return True
+  shape = jnp.shape(x)
+  single = math.prod(shape) == math.prod(shape[a] for a in feature_axes)
+  if not (training and single and mask is None and axis_name is None):
+    return False
+  warnings.warn(
+      f"BatchNorm in training mode got a single value per feature (input of shape "
+      f"{shape}, feature axes {feature_axes}): the batch variance is 0, so the output "
+      "is the bias alone and the running variance decays towards 0. This follows "
+      "Flax; jaxbn.batch_norm raises here. Use a larger batch, or the running "
+      "statistics (use_running_average=True, model.eval()) for single examples.",
+      UserWarning,
+      stacklevel=3,
+  )
+  return True
 
 
 class BatchNorm(nn.BatchNorm):
@@ -25,10 +56,13 @@ class BatchNorm(nn.BatchNorm):
   ``axis`` (the feature axis or axes), ``momentum`` (weight of the old running
   value), ``epsilon``, ``dtype`` (of the output; by default the promotion of
   the input and the params), ``param_dtype``, ``use_bias``, ``use_scale``,
-  ``bias_init``, ``scale_init``, ``axis_name``, ``axis_index_groups``. The
-  statistics are always the numerically stable one-pass ones, so
-  ``use_fast_variance`` is accepted and has no effect. Running statistics are
-  kept in float32 (or wider).
+  ``bias_init``, ``scale_init``, ``axis_name``, ``axis_index_groups``,
+  ``use_fast_variance`` and ``force_float32_reductions``.
+
+  The statistics are always the numerically stable one-pass ones, reduced in
+  at least float32, so ``use_fast_variance`` has no effect and
+  ``force_float32_reductions`` only sets the dtype of the stored statistics:
+  float32 (default), or ``param_dtype`` when False, as in Flax.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
@@ -44,6 +78,9 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes ``x`` with batch statistics (training) or running ones.
 
+    While the module is initializing the running statistics are not updated
+    and ``axis_name`` is ignored, as in Flax.
+
     Args:
       x: the input, e.g. ``(N, H, W, C)``.
       use_running_average: overrides the attribute of the same name: True
@@ -55,14 +92,16 @@ class BatchNorm(nn.BatchNorm):
     Returns:
       The normalized input, of the shape of ``x``.
     """
-    use_running_average = nn.merge_param(
+    training = not nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
-    _validation.check_input(x)
-    x = jnp.asarray(x)
-    feature_axes = _validation.canonicalize_axes(self.axis, x.ndim)
-    feature_shape = _stats.feature_shape(x.shape, feature_axes)
-    state_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    initializing = self.is_initializing()
+    axis_name = None if initializing else self.axis_name
+    feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
+    if _flax_fallback(x, feature_axes, training=training, mask=mask, axis_name=axis_name):
+      return super().__call__(x, use_running_average, mask=mask)
+    feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
+    state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, state_dtype)
     var = self.variable("batch_stats", "var", jnp.ones, feature_shape, state_dtype)
     scale = (
@@ -77,19 +116,19 @@ class BatchNorm(nn.BatchNorm):
     )
     dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
     y, new_state = _core.batch_norm(
-        x.astype(jnp.promote_types(x.dtype, dtype)),
+        jnp.asarray(x, jnp.promote_types(jnp.result_type(x), dtype)),
         BatchNormState(mean.value, var.value, jnp.zeros((), jnp.int32)),
         scale,
         bias,
-        training=not use_running_average,
+        training=training,
         axis=feature_axes,
         momentum=self.momentum,
         epsilon=self.epsilon,
         mask=mask,
-        axis_name=None if self.is_initializing() else self.axis_name,
-        axis_index_groups=None if self.is_initializing() else self.axis_index_groups,
+        axis_name=axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
     )
-    if not use_running_average and not self.is_initializing():
+    if training and not initializing:
       mean.value, var.value = new_state.mean, new_state.var
     return y.astype(dtype)
 

@@ -1,18 +1,19 @@
 """``jaxbn.nnx.BatchNorm``: a drop-in for ``flax.nnx.BatchNorm``.
 
 Same constructor, attributes (``mean``, ``var``, ``scale``, ``bias``,
-``use_running_average``, ...), ``train()``/``eval()`` behaviour and state, so
-existing models and checkpoints work unchanged. The math is
-``jaxbn.batch_norm``.
+``use_running_average``, ...), ``train()``/``eval()``/``nnx.view`` behaviour and
+state, so existing models and checkpoints work unchanged. The math is
+``jaxbn.batch_norm``. As in ``jaxbn.linen``, complex inputs and batch
+statistics of a single value per feature are handed to Flax's implementation
+(the latter with a ``UserWarning``).
 """
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen import dtypes
 
-from jaxbn import _core
-from jaxbn import _validation
+from jaxbn import _core, _validation
 from jaxbn._state import BatchNormState
+from jaxbn.linen import _flax_fallback
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -25,6 +26,11 @@ class BatchNorm(nnx.BatchNorm):
   ``axis_index_groups``, ``use_fast_variance`` (accepted; the statistics are
   always the stable one-pass ones), ``promote_dtype`` and ``rngs``.
   ``model.train()`` and ``model.eval()`` switch ``use_running_average``.
+
+  With several feature axes, ``num_features`` is their total size, as in
+  Flax. ``promote_dtype`` sets the dtype of the input, scale and bias (and so
+  of the output); the statistics are reduced in at least float32 and the
+  running statistics stay float32.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn.nnx
@@ -48,6 +54,10 @@ class BatchNorm(nnx.BatchNorm):
 
     Returns:
       The normalized input, of the shape of ``x``.
+
+    Raises:
+      ValueError: if ``use_running_average`` is None both here and on the
+        module.
     """
     if use_running_average is None:
       use_running_average = self.use_running_average
@@ -57,27 +67,40 @@ class BatchNorm(nnx.BatchNorm):
           "constructor, to the call, or set it with `model.train()` / "
           "`model.eval()` (or `nnx.view(model, use_running_average=...)`)."
       )
-    _validation.check_input(x)
+    training = not use_running_average
+    feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
+    if _flax_fallback(x, feature_axes, training=training, mask=mask, axis_name=self.axis_name):
+      return super().__call__(x, use_running_average, mask=mask)
+    feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
-    dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-    x = jnp.asarray(x)
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+    )
+    # The variables hold `num_features` values; there may be several feature axes.
+    scale, bias = (None if v is None else v.reshape(feature_shape) for v in (scale, bias))
+    state = BatchNormState(
+        self.mean[...].reshape(feature_shape),
+        self.var[...].reshape(feature_shape),
+        jnp.zeros((), jnp.int32),
+    )
     y, new_state = _core.batch_norm(
-        x.astype(jnp.promote_types(x.dtype, dtype)),
-        BatchNormState(self.mean[...], self.var[...], jnp.zeros((), jnp.int32)),
+        x,
+        state,
         scale,
         bias,
-        training=not use_running_average,
-        axis=self.axis,
+        training=training,
+        axis=feature_axes,
         momentum=self.momentum,
         epsilon=self.epsilon,
         mask=mask,
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
     )
-    if not use_running_average:
-      self.mean[...], self.var[...] = new_state.mean, new_state.var
-    return y.astype(dtype)
+    if training:
+      self.mean[...] = new_state.mean.reshape(self.mean.shape)
+      self.var[...] = new_state.var.reshape(self.var.shape)
+    return y
 
 
 __all__ = ["BatchNorm"]
