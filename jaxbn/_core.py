@@ -14,6 +14,7 @@ move towards them::
 ``momentum=0.1`` is our ``0.9``).
 """
 
+import functools
 import warnings
 from numbers import Real
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from jax.typing import ArrayLike
 from jaxbn import _activation
 from jaxbn import _fused
 from jaxbn import _inplace
+from jaxbn import _renorm
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._state import BatchNormState
@@ -245,17 +247,22 @@ def _update_running_stats(
     keep = jnp.where(debias > 0, 1 - (1 - momentum) / safe, 1 - 1 / t.astype(dtype))
   else:
     keep = 1 - 1 / t.astype(dtype)
-  new_state = BatchNormState(
+  new_state = state._replace(
       mean=keep * state.mean + (1 - keep) * mean,
       var=keep * state.var + (1 - keep) * var,
       count=t,
   )
   if skip_nonfinite:
-    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = _skip_nonfinite(new_state, state, BatchNormState(mean, var, t))
   return jax.tree.map(
       lambda new, old: lax.stop_gradient(new).astype(old.dtype), new_state, state
   )
+
+
+def _skip_nonfinite(new_state, state, batch):
+  """``new_state`` if ``batch.mean`` and ``batch.var`` are all finite, else ``state``."""
+  finite = jnp.all(jnp.isfinite(batch.mean)) & jnp.all(jnp.isfinite(batch.var))
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
 
 
 def _coefficients(moments, scale, bias, epsilon):
@@ -282,18 +289,30 @@ def _normalize_with_batch_stats(
     negative_slope,
     residual,
     inplace,
+    correction,
 ):
   """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch.
 
   ``x`` is the caller's array; the fused path reads it as stored (see ``_fused``).
+  ``scale`` and ``bias`` broadcast against ``x``. ``correction`` is ``None`` or
+  ``moments -> (r, d)`` of batch renormalization, which turns ``scale`` into
+  ``r * scale`` and ``bias`` into ``d * scale + bias``.
   """
   stored, x = x, x.astype(_stats.compute_dtype(x.dtype))
-  scale, bias = (_broadcastable(v, x.ndim, feature_axes, x.dtype) for v in (scale, bias))
+
+  def affine(moments):
+    if correction is None:
+      return scale, bias
+    r, d = correction(moments)
+    return (r if scale is None else r * scale), (
+        (d if scale is None else d * scale) + (0 if bias is None else bias)
+    )
+
   if inplace:
     return _inplace.normalize_with_batch_stats(
         x,
         feature_axes,
-        lambda moments: _coefficients(moments, scale, bias, epsilon),
+        lambda moments: _coefficients(moments, *affine(moments), epsilon),
         mask,
         axis_name,
         axis_index_groups,
@@ -309,6 +328,7 @@ def _normalize_with_batch_stats(
       axis_index_groups,
       implementation=implementation,
   )
+  scale, bias = affine(moments)
   if implementation == "reference":
     rstd = lax.rsqrt(moments.var + epsilon)
     y = (x - moments.shift - moments.delta) * rstd  # = (x - mean) * rstd, unrounded
@@ -371,6 +391,7 @@ def batch_norm(
     negative_slope: float = 0.01,
     residual: ArrayLike | None = None,
     inplace: bool = False,
+    renorm: _renorm.Renorm | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """One batch-norm step: normalize ``x`` and return the next running statistics.
 
@@ -403,6 +424,12 @@ def batch_norm(
   the output is kept anyway as the next layer's input, so each batch norm
   stops holding an activation-sized buffer of its own. Every ``scale`` entry
   must then be nonzero.
+
+  ``renorm=Renorm(r_max, d_max, ...)`` is Batch Renormalization (Ioffe, 2017)
+  with the statistics of a ``RenormState`` (see ``Renorm`` and
+  ``init_renorm_state``): in training, ``y = ((x - mean_B) / sigma_B * r + d)
+  * scale + bias`` with ``r``, ``d`` (no gradient) pulling the batch
+  statistics towards the moving ones, as Keras 3's ``renorm=True`` does.
 
   ``training`` is the shorthand for two switches, which override it when
   given: ``use_batch_stats`` (normalize with the batch statistics rather than
@@ -458,6 +485,9 @@ def batch_norm(
       features before the activation (a ResNet shortcut).
     inplace: Python bool; the memory-saving backward pass of In-Place ABN
       (keeps the output and the residual, not ``x``) for batch statistics.
+    renorm: ``None``, or the ``Renorm`` settings of batch renormalization;
+      ``state`` must then be a ``RenormState``, and ``averaging`` and
+      ``unbiased_var`` keep their defaults.
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state``
@@ -472,8 +502,9 @@ def batch_norm(
       ``momentum`` or ``epsilon`` are out of range; ``averaging`` or
       ``activation`` is unknown; ``negative_slope`` is negative; ``residual``
       does not have the shape of ``x``; ``inplace=True`` comes with ``"relu"``
-      or the ``"reference"`` implementation; or batch statistics are asked of
-      a single entry per feature.
+      or the ``"reference"`` implementation; ``renorm`` has ``r_max < 1``,
+      ``d_max < 0``, ``r_min`` outside [0, 1] or comes with another averaging;
+      or batch statistics are asked of a single entry per feature.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -505,9 +536,28 @@ def batch_norm(
     raise TypeError(f"`inplace` must be a Python bool, got {inplace!r}.")
   if inplace:
     _inplace.check(activation, negative_slope, implementation)
+  correction = None
+  if renorm is not None:
+    _renorm.check(renorm, state)
+    if averaging != "ema" or unbiased_var:
+      raise ValueError(
+          "batch renormalization keeps Keras's moving averages: `averaging` must be 'ema' "
+          f"and `unbiased_var` False, got {averaging!r} and {unbiased_var}."
+      )
+
+    def correction(moments):
+      expand = functools.partial(
+          _broadcastable, ndim=x.ndim, feature_axes=feature_axes, dtype=moments.mean.dtype
+      )
+      return _renorm.correction(renorm, state, moments.mean, moments.var, epsilon, expand)
+
   compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if residual is not None:
     residual = jnp.asarray(residual).astype(compute_x.dtype)
+
+  expand = functools.partial(
+      _broadcastable, ndim=x.ndim, feature_axes=feature_axes, dtype=compute_x.dtype
+  )
 
   def normalize_with_running_stats():
     y = _normalize(x, feature_axes, state.mean, state.var, scale, bias, epsilon)
@@ -528,8 +578,8 @@ def batch_norm(
     y, moments = _normalize_with_batch_stats(
         x,
         feature_axes,
-        scale,
-        bias,
+        expand(scale),
+        expand(bias),
         epsilon,
         mask,
         axis_name,
@@ -539,6 +589,7 @@ def batch_norm(
         negative_slope,
         residual,
         inplace,
+        correction,
     )
   else:
     y = normalize_with_running_stats()
@@ -550,7 +601,10 @@ def batch_norm(
         axis_index_groups,
         implementation=implementation,
     )
-  if update_stats:
+  if update_stats and renorm is not None:
+    new_state = _renorm.update(renorm, state, moments.mean, moments.var, momentum, epsilon)
+    state = _skip_nonfinite(new_state, state, moments) if skip_nonfinite else new_state
+  elif update_stats:
     state = _update_running_stats(
         state,
         moments.mean,

@@ -30,3 +30,27 @@ def activation(u, kind, negative_slope=0.01):
   if kind == "relu":
     return np.maximum(u, 0)
   return np.where(u >= 0, u, negative_slope * u)
+
+
+def renorm(x, state, scale, bias, *, axis, momentum, epsilon, r_max, d_max, r_min, renorm_momentum):
+  """Batch renormalization as Keras 3 computes it; returns (y, new state as a dict) in float64."""
+  state = {k: np.asarray(v, np.float64) for k, v in state.items()}
+  mean, var = batch_stats(x, axis)
+  std = np.sqrt(var + epsilon)
+  sigma = np.maximum(state["renorm_std"], np.sqrt(epsilon))
+  r = np.clip(std / sigma, r_min, r_max)
+  d = np.clip((mean - state["renorm_mean"]) / sigma, -d_max, d_max)
+  nd = np.ndim(x)
+  x_hat = (np.asarray(x, np.float64) - expand(mean, axis, nd)) / expand(std, axis, nd)
+  y = (x_hat * expand(r, axis, nd) + expand(d, axis, nd)) * expand(scale, axis, nd) + expand(
+      bias, axis, nd)
+  new_std = momentum * state["std"] + (1 - momentum) * std
+  new = {
+      "mean": momentum * state["mean"] + (1 - momentum) * mean,
+      "var": np.maximum(new_std**2 - epsilon, 0),
+      "count": state["count"] + 1,
+      "std": new_std,
+      "renorm_mean": renorm_momentum * state["renorm_mean"] + (1 - renorm_momentum) * mean,
+      "renorm_std": renorm_momentum * state["renorm_std"] + (1 - renorm_momentum) * std,
+  }
+  return y, new
