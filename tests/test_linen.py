@@ -244,3 +244,12 @@ def test_single_value_per_feature_in_training_warns_and_follows_flax():
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # inference on one example is fine
     _pair()[1].apply(variables, x, use_running_average=True)
+
+
+def test_integer_input_is_promoted_to_the_params_dtype_like_flax():
+  flax_bn, ours = _pair(use_running_average=False)
+  x = jnp.arange(12, dtype=jnp.int32).reshape(4, 3)
+  variables = flax_bn.init(jax.random.key(0), x)
+  got = ours.apply(variables, x, mutable=["batch_stats"])
+  assert got[0].dtype == f32
+  _assert_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))
