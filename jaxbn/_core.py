@@ -348,6 +348,28 @@ def _normalize_with_batch_stats(
   return y, moments
 
 
+def _ghost_groups(virtual_batch_size, shape, feature_axes) -> int | None:
+  """The number of ghost batches along axis 0, or None; checks ``virtual_batch_size``."""
+  if virtual_batch_size is None:
+    return None
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+    raise TypeError(
+        f"`virtual_batch_size` must be a Python int or None, got {virtual_batch_size!r}."
+    )
+  if 0 in feature_axes:
+    raise ValueError(
+        f"`virtual_batch_size` splits axis 0, the batch axis, but `axis` makes axis 0 a "
+        f"feature axis (feature axes {feature_axes} of an input of shape {shape})."
+    )
+  if virtual_batch_size < 1 or shape[0] % virtual_batch_size:
+    raise ValueError(
+        f"`virtual_batch_size`={virtual_batch_size} must be a positive divisor of the "
+        f"batch size {shape[0]} (axis 0 of `x` with shape {shape}); pick another size, "
+        "or pad or drop examples to a multiple of it."
+    )
+  return shape[0] // virtual_batch_size
+
+
 def _resolve_switches(training, use_batch_stats, update_stats) -> tuple[bool, bool]:
   """``(use_batch_stats, update_stats)``, each defaulting to ``training``."""
   if not isinstance(training, bool | jnp.bool_):
@@ -392,6 +414,7 @@ def batch_norm(
     residual: ArrayLike | None = None,
     inplace: bool = False,
     renorm: _renorm.Renorm | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """One batch-norm step: normalize ``x`` and return the next running statistics.
 
@@ -430,6 +453,16 @@ def batch_norm(
   ``init_renorm_state``): in training, ``y = ((x - mean_B) / sigma_B * r + d)
   * scale + bias`` with ``r``, ``d`` (no gradient) pulling the batch
   statistics towards the moving ones, as Keras 3's ``renorm=True`` does.
+
+  ``virtual_batch_size=V`` is ghost batch normalization (Hoffer et al., 2017):
+  the batch axis 0 is cut into ``G = N / V`` contiguous groups
+  ``x[g V:(g + 1) V]``, each normalized with its own statistics. The running
+  statistics move towards the average over the groups of their means and of
+  their (biased, or with ``unbiased_var`` unbiased) variances, as tf.keras does
+  (tf.keras groups the strided entries ``x[g::G]`` instead; with shuffled data
+  the two are alike). With ``renorm``, ``r`` and ``d`` come from these
+  averages; with ``axis_name``, group ``g`` gathers the ``g``-th group of
+  every device.
 
   ``training`` is the shorthand for two switches, which override it when
   given: ``use_batch_stats`` (normalize with the batch statistics rather than
@@ -488,6 +521,8 @@ def batch_norm(
     renorm: ``None``, or the ``Renorm`` settings of batch renormalization;
       ``state`` must then be a ``RenormState``, and ``averaging`` and
       ``unbiased_var`` keep their defaults.
+    virtual_batch_size: ``None``, or a Python int dividing ``x.shape[0]``: the
+      size of the ghost batches normalized separately.
 
   Returns:
     ``(y, new_state)``: ``y`` of the shape and dtype of ``x``; ``new_state``
@@ -504,7 +539,8 @@ def batch_norm(
       does not have the shape of ``x``; ``inplace=True`` comes with ``"relu"``
       or the ``"reference"`` implementation; ``renorm`` has ``r_max < 1``,
       ``d_max < 0``, ``r_min`` outside [0, 1] or comes with another averaging;
-      or batch statistics are asked of a single entry per feature.
+      ``virtual_batch_size`` does not divide the batch or axis 0 is a feature
+      axis; or batch statistics are asked of a single entry per feature.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -546,18 +582,13 @@ def batch_norm(
       )
 
     def correction(moments):
-      expand = functools.partial(
-          _broadcastable, ndim=x.ndim, feature_axes=feature_axes, dtype=moments.mean.dtype
-      )
-      return _renorm.correction(renorm, state, moments.mean, moments.var, epsilon, expand)
+      mean, var = pooled(moments)
+      return _renorm.correction(renorm, state, mean, var, epsilon, expand)
 
+  groups = _ghost_groups(virtual_batch_size, x.shape, feature_axes)
   compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if residual is not None:
     residual = jnp.asarray(residual).astype(compute_x.dtype)
-
-  expand = functools.partial(
-      _broadcastable, ndim=x.ndim, feature_axes=feature_axes, dtype=compute_x.dtype
-  )
 
   def normalize_with_running_stats():
     y = _normalize(x, feature_axes, state.mean, state.var, scale, bias, epsilon)
@@ -565,54 +596,77 @@ def batch_norm(
 
   if not (use_batch_stats or update_stats):
     return normalize_with_running_stats(), state
-  entries_per_feature = x.size // max(1, jnp.size(state.mean))
+  # Ghost batches: (N, ...) -> (G, N / G, ...); the statistics keep the group axis 0.
+  stats_x, stats_mask, stats_residual = x, mask, residual
+  stats_axes = param_axes = feature_axes
+  if groups is not None:
+    stats_x = x.reshape((groups, -1) + x.shape[1:])
+    param_axes = tuple(a + 1 for a in feature_axes)
+    stats_axes = (0,) + param_axes
+    if mask is not None:
+      stats_mask = jnp.broadcast_to(mask, x.shape).reshape(stats_x.shape)
+    if residual is not None:
+      stats_residual = residual.reshape(stats_x.shape)
+  expand = functools.partial(
+      _broadcastable, ndim=stats_x.ndim, feature_axes=param_axes, dtype=compute_x.dtype
+  )
+
+  def pooled(moments, unbiased=False):
+    """The batch ``(mean, var)`` of the update: with ghost batches, the groups' averages."""
+    mean, var = moments.mean, moments.var
+    if unbiased:
+      var = var * moments.count / jnp.maximum(moments.count - 1, 1)
+    if groups is not None:
+      mean, var = jnp.mean(mean, 0, keepdims=True), jnp.mean(var, 0, keepdims=True)
+    return mean, var
+
+  entries_per_feature = stats_x.size // max(1, jnp.size(state.mean) * (groups or 1))
   if axis_name is None and mask is None and entries_per_feature <= 1:
     raise ValueError(
         f"batch norm with batch statistics needs more than one value per feature, but `x` "
-        f"of shape {x.shape} with `axis`={axis!r} has "
+        f"of shape {x.shape} with `axis`={axis!r}"
+        f"{'' if groups is None else f' in virtual batches of {virtual_batch_size}'} has "
         f"{'a single one' if entries_per_feature else 'none'} (its variance would be 0); "
         "use a larger batch, `training=False`, or `axis_name` to take statistics across "
         "devices."
     )
   if use_batch_stats:
     y, moments = _normalize_with_batch_stats(
-        x,
-        feature_axes,
+        stats_x,
+        stats_axes,
         expand(scale),
         expand(bias),
         epsilon,
-        mask,
+        stats_mask,
         axis_name,
         axis_index_groups,
         implementation,
         activation,
         negative_slope,
-        residual,
+        stats_residual,
         inplace,
         correction,
     )
+    y = y.reshape(x.shape)
   else:
     y = normalize_with_running_stats()
     moments = _stats.global_moments(
-        lax.stop_gradient(compute_x),
-        feature_axes,
-        mask,
+        lax.stop_gradient(compute_x.reshape(stats_x.shape)),
+        stats_axes,
+        stats_mask,
         axis_name,
         axis_index_groups,
         implementation=implementation,
     )
   if update_stats and renorm is not None:
-    new_state = _renorm.update(renorm, state, moments.mean, moments.var, momentum, epsilon)
-    state = _skip_nonfinite(new_state, state, moments) if skip_nonfinite else new_state
+    mean, var = pooled(moments)
+    new_state = _renorm.update(renorm, state, mean, var, momentum, epsilon)
+    if skip_nonfinite:
+      new_state = _skip_nonfinite(new_state, state, BatchNormState(mean, var, None))
+    state = new_state
   elif update_stats:
+    mean, var = pooled(moments, unbiased_var)
     state = _update_running_stats(
-        state,
-        moments.mean,
-        moments.var,
-        momentum,
-        averaging,
-        unbiased_var,
-        moments.count.reshape(feature_shape),
-        skip_nonfinite,
+        state, mean, var, momentum, averaging, False, None, skip_nonfinite
     )
   return y.astype(x.dtype), state

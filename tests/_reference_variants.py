@@ -54,3 +54,44 @@ def renorm(x, state, scale, bias, *, axis, momentum, epsilon, r_max, d_max, r_mi
       "renorm_std": renorm_momentum * state["renorm_std"] + (1 - renorm_momentum) * std,
   }
   return y, new
+
+
+def ghost(x, mean, var, scale, bias, *, virtual_batch_size, axis, momentum, epsilon, mask=None,
+          unbiased_var=False):
+  """Ghost batch norm on contiguous groups; returns (y, new mean, new var) in float64."""
+  x = np.asarray(x, np.float64)
+  groups = x.shape[0] // virtual_batch_size
+  ys, means, variances = [], [], []
+  for g in range(groups):
+    part = slice(g * virtual_batch_size, (g + 1) * virtual_batch_size)
+    xg = x[part]
+    mg = None if mask is None else np.broadcast_to(mask, x.shape)[part]
+    m, v = batch_stats(xg, axis, mg)
+    ys.append(normalize(xg, m, v, scale, bias, axis, epsilon))
+    if unbiased_var:
+      n = xg.size / m.size if mg is None else mg.sum(axis=reduction_axes(axis, x.ndim))
+      v = v * n / np.maximum(n - 1, 1)
+    means.append(m)
+    variances.append(v)
+  new_mean = momentum * np.asarray(mean, np.float64) + (1 - momentum) * np.mean(means, 0)
+  new_var = momentum * np.asarray(var, np.float64) + (1 - momentum) * np.mean(variances, 0)
+  return np.concatenate(ys), new_mean, new_var
+
+
+def tf_keras_ghost(x, mean, var, *, virtual_batch_size, momentum, epsilon):
+  """tf.keras BatchNormalization(virtual_batch_size=V), features last, no scale or bias.
+
+  Transcribes its algorithm: reshape to [V, -1, ...] (so group g holds the
+  strided entries x[g::G]), moments over every axis but the group and feature
+  axes, and an update with the means over the groups of their means and
+  variances.
+  """
+  x = np.asarray(x, np.float64)
+  expanded = x.reshape((virtual_batch_size, -1) + x.shape[1:])
+  axes = tuple(i for i in range(expanded.ndim - 1) if i != 1)
+  m = expanded.mean(axes, keepdims=True)
+  v = expanded.var(axes, keepdims=True)
+  y = ((expanded - m) / np.sqrt(v + epsilon)).reshape(x.shape)
+  new_mean = momentum * mean + (1 - momentum) * m.mean(1).ravel()
+  new_var = momentum * var + (1 - momentum) * v.mean(1).ravel()
+  return y, new_mean, new_var
