@@ -18,7 +18,8 @@ The tangent is linear, so forward and reverse mode both work; reverse mode
 keeps ``x`` (recomputing ``x - K``), the output ``z`` (which the next layer
 usually keeps anyway) and O(C) values, and the backward pass is the same two
 reductions and one elementwise pass as without the activation. The residual
-``r`` itself is not kept: ``dr = act'(z) dz_out``.
+``r`` itself is not kept: ``dr = act'(z) dz_out``. Half-precision inputs are
+read, kept and written in their own dtype, as in ``_fused``.
 """
 
 from functools import partial
@@ -27,6 +28,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxbn import _fused
 
@@ -85,20 +87,33 @@ def tangent_from_output(s: float, z: jax.Array, t: jax.Array) -> jax.Array:
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def shifted_affine_act(activation, negative_slope, x, shift, a, b, residual):
-  """``act((x - K) a + b + r)``: per-feature ``K, a, b``; ``r`` of the shape of ``x`` or None."""
-  y = (x - shift) * a + b
-  return add_and_apply(y, residual, activation, negative_slope)
+def shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual):
+  """``act((x - K) a + b + r)`` in the dtype of ``stored``; ``K, a, b`` per feature.
+
+  ``x`` (the compute dtype, whose tangent is used) and ``stored`` (the
+  caller's array, whose values are read) are as in ``_fused.shifted_sums``;
+  ``r`` is None or an array of the shape of ``x`` in the compute dtype.
+  """
+  del x
+  y = (stored.astype(shift.dtype) - shift) * a + b
+  return add_and_apply(y, residual, activation, negative_slope).astype(stored.dtype)
 
 
 @shifted_affine_act.defjvp
 def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
-  x, shift, a, b, residual = primals
-  dx, _, da, db, dresidual = tangents  # `shift` carries no gradient.
-  z = shifted_affine_act(activation, negative_slope, x, shift, a, b, residual)
-  du = dx * a + _fused._centered_product(x, shift, da) + db
+  x, stored, shift, a, b, residual = primals
+  dx, _, _, da, db, dresidual = tangents  # `stored` gives values; `shift` has no gradient.
+  z = shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual)
+  terms = [dx * a, _fused._centered_product(stored, shift, da), db]
   if residual is not None:
-    du = du + dresidual.astype(du.dtype)
+    terms.append(dresidual)
+  if stored.dtype != dx.dtype:
+    # As in `_fused.shifted_affine`: converted per term, each backward pass reads
+    # the half-precision cotangent rather than a float32 copy of it.
+    terms = lax.optimization_barrier(
+        tuple(jnp.broadcast_to(t, dx.shape).astype(stored.dtype) for t in terms)
+    )
+  du = sum(terms[1:], terms[0])
   if activation is None:
     return z, du
   return z, tangent_from_output(slope(activation, negative_slope), z, du)

@@ -343,7 +343,7 @@ def _normalize_with_batch_stats(
       y = _fused.shifted_affine(x, stored, moments.shift, a, b)
     else:
       y = _activation.shifted_affine_act(
-          activation, negative_slope, x, moments.shift, a, b, residual
+          activation, negative_slope, x, stored, moments.shift, a, b, residual
       )
   return y, moments
 

@@ -99,11 +99,12 @@ def test_check_grads_float64(activation):
     check_grads(jax.jit(f), (x, residual, scale, bias), order=2, modes=["fwd", "rev"])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_fused_keeps_x_and_the_output_only(activation):
+def test_fused_keeps_x_and_the_output_only(activation, dtype):
   # Reverse mode keeps `x`, the output `z` (not when the activation is the identity)
-  # and per-feature values; not the residual, a mask or `x - K`.
-  x, residual, state, scale, bias = _inputs((4, 3, 5, 6), -1)
+  # and per-feature values; not the residual, a mask, `x - K` or a float32 copy.
+  x, residual, state, scale, bias = _inputs((4, 3, 5, 6), -1, dtype)
 
   def f(x, residual, scale, bias):
     z, _ = jaxbn.batch_norm(x, state, scale, bias, training=True, activation=activation,
@@ -111,7 +112,9 @@ def test_fused_keeps_x_and_the_output_only(activation):
     return z
 
   saved = [why for aval, why in saved_residuals(f, x, residual, scale, bias)
-           if aval.size == x.size]
+           if aval.size == x.size and aval.dtype == dtype]
+  assert len(saved) == len([aval for aval, _ in saved_residuals(f, x, residual, scale, bias)
+                            if aval.size == x.size])
   expected = 1 if activation is None else 2
   assert len(saved) == expected, saved
   assert "from the argument x" in saved
