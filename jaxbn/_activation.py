@@ -92,7 +92,7 @@ def shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, resid
 
   ``x`` (the compute dtype, whose tangent is used) and ``stored`` (the
   caller's array, whose values are read) are as in ``_fused.shifted_sums``;
-  ``r`` is None or an array of the shape of ``x`` in the compute dtype.
+  ``r`` is None or an array of the shape of ``x``, in any float dtype.
   """
   del x
   y = (stored.astype(shift.dtype) - shift) * a + b

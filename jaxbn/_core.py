@@ -311,6 +311,7 @@ def _normalize_with_batch_stats(
   if inplace:
     return _inplace.normalize_with_batch_stats(
         x,
+        stored,
         feature_axes,
         lambda moments: _coefficients(moments, *affine(moments), epsilon),
         mask,
@@ -588,7 +589,7 @@ def batch_norm(
   groups = _ghost_groups(virtual_batch_size, x.shape, feature_axes)
   compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if residual is not None:
-    residual = jnp.asarray(residual).astype(compute_x.dtype)
+    residual = jnp.asarray(residual)  # cast where it is read, so no copy is kept.
 
   def normalize_with_running_stats():
     y = _normalize(x, feature_axes, state.mean, state.var, scale, bias, epsilon)

@@ -68,10 +68,11 @@ def check(activation, negative_slope, implementation) -> None:
 
 
 def _recover(s, z, residual, a, b):
-  """``x - K = (act^-1(z) - r - b) / a``."""
+  """``x - K = (act^-1(z) - r - b) / a``, in the dtype of ``a``."""
+  z = z.astype(a.dtype)
   u = z if s == 1.0 else jnp.where(z > 0, z, z / s)
   if residual is not None:
-    u = u - residual
+    u = u - residual.astype(a.dtype)
   return (u - b) / a
 
 
@@ -147,11 +148,12 @@ def _output_jvp(s, primals, tangents):
   if residual is not None:
     du = du + dresidual
   dz = du if s == 1.0 else _activation.tangent_from_output(s, z, du)
-  return z, dz
+  return z, dz.astype(z.dtype)
 
 
 def normalize_with_batch_stats(
     x,
+    stored,
     feature_axes,
     coefficients,
     mask,
@@ -165,11 +167,13 @@ def normalize_with_batch_stats(
 
   Args:
     x: the input in the compute dtype.
+    stored: the caller's array (``x`` before the cast): ``z`` takes its dtype,
+      so a half-precision network keeps half-precision outputs only.
     feature_axes: the axes kept by the statistics.
     coefficients: ``moments -> (a, b)`` with ``y = (x - K) a + b``.
     mask, axis_name, axis_index_groups: as in ``batch_norm``.
     activation, negative_slope: an invertible activation (see ``check``).
-    residual: ``None`` or an array of the shape of ``x`` in the compute dtype.
+    residual: ``None`` or an array of the shape of ``x``, in any float dtype.
 
   Returns:
     ``(z, moments)``: the output and the moments of the (global) batch.
@@ -181,6 +185,7 @@ def normalize_with_batch_stats(
   a0, b0 = (lax.stop_gradient(v) for v in coefficients(moments0))
   shift = moments0.shift
   z = _activation.add_and_apply((x - shift) * a0 + b0, residual, activation, negative_slope)
+  z = z.astype(stored.dtype)
   s1, s2 = carry_sums(axes, s, x, z, residual, a0, b0, shift - local.shift, mask)
   n = jnp.maximum(local.count, 1)
   local = local._replace(

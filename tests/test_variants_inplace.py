@@ -78,9 +78,11 @@ def test_check_grads_float64_and_second_derivatives_raise():
       jax.hessian(lambda x: jnp.sum(f(x, residual, scale, bias) ** 2))(x)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_keeps_the_output_and_never_x(with_residual):
-  x, residual, scale, bias = _inputs((4, 3, 5, 6), -1)
+def test_keeps_the_output_and_never_x(with_residual, dtype):
+  # Half precision keeps the half-precision output, not a float32 copy of it.
+  x, residual, scale, bias = _inputs((4, 3, 5, 6), -1, dtype)
 
   def f(x, residual, scale, bias):
     return _bn(x, residual if with_residual else None, scale, bias, inplace=True,
@@ -88,6 +90,8 @@ def test_keeps_the_output_and_never_x(with_residual):
 
   saved = [why for aval, why in saved_residuals(f, x, residual, scale, bias)
            if aval.size == x.size]
+  assert all(aval.dtype == dtype for aval, _ in saved_residuals(f, x, residual, scale, bias)
+             if aval.size == x.size)
   assert "from the argument x" not in saved
   assert len(saved) == 1 + with_residual, saved  # z, and r when there is one.
 
