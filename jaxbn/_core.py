@@ -11,7 +11,13 @@ move towards them::
     new.var  = momentum * old.var  + (1 - momentum) * batch_var   (biased)
 
 ``momentum`` weighs the old value, as in Flax and Keras (PyTorch's
-``momentum=0.1`` is our ``0.9``).
+``momentum=0.1`` is our ``0.9``); ``update_running_stats`` also offers the
+zero-debiased and the cumulative average and PyTorch's unbiased variance.
+
+``batch_norm`` takes the variants as keywords: separate switches for the
+statistics used and their update, a fused activation and residual
+(``_activation``), the In-Place ABN backward (``_inplace``), Batch
+Renormalization (``_renorm``) and ghost batches.
 """
 
 import functools
