@@ -90,6 +90,9 @@ class Renorm(NamedTuple):
 
       Renorm(r_max=lambda t: jnp.clip(1 + 2 * (t - 5000) / 35000, 1, 3),
              d_max=lambda t: jnp.clip(5 * (t - 5000) / 20000, 0, 5))
+
+  A ``Renorm`` is a pytree: one of numbers and arrays may be an argument of a
+  jitted function; one holding schedules must be closed over instead.
   """
 
   r_max: Bound = 3.0  # r <= r_max, r_max >= 1.
