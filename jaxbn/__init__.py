@@ -10,6 +10,12 @@ from importlib.metadata import PackageNotFoundError, version
 from jaxbn import interop as interop
 from jaxbn._core import batch_norm as batch_norm
 from jaxbn._core import normalize as normalize
+from jaxbn._core import update_running_stats as update_running_stats
+from jaxbn._folding import fold_batch_norm as fold_batch_norm
+from jaxbn._folding import fold_batch_norm_params as fold_batch_norm_params
+from jaxbn._renorm import Renorm as Renorm
+from jaxbn._renorm import RenormState as RenormState
+from jaxbn._renorm import init_renorm_state as init_renorm_state
 from jaxbn._state import BatchNormState as BatchNormState
 from jaxbn._state import init_state as init_state
 from jaxbn._stats import batch_stats as batch_stats
@@ -21,9 +27,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BatchNormState",
+    "Renorm",
+    "RenormState",
     "batch_norm",
     "batch_stats",
+    "fold_batch_norm",
+    "fold_batch_norm_params",
+    "init_renorm_state",
     "init_state",
     "interop",
     "normalize",
+    "update_running_stats",
 ]

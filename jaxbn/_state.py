@@ -51,7 +51,7 @@ def init_state(
         f"`feature_shape` must be a non-negative int or a tuple of them, got {feature_shape!r}."
     )
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+    raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype)}.")
   dtype = jnp.promote_types(dtype, jnp.float32)
   return BatchNormState(
       mean=jnp.zeros(shape, dtype),

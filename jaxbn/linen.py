@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes
 
 from jaxbn import _core, _validation
+from jaxbn._precise import recompute_stats as recompute_stats
 from jaxbn._state import BatchNormState
 
 
@@ -133,4 +134,4 @@ class BatchNorm(nn.BatchNorm):
     return y.astype(dtype)
 
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "recompute_stats"]
