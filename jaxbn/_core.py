@@ -30,12 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _activation
-from jaxbn import _fused
-from jaxbn import _inplace
-from jaxbn import _renorm
-from jaxbn import _stats
-from jaxbn import _validation
+from jaxbn import _activation, _fused, _inplace, _renorm, _stats, _validation
 from jaxbn._state import BatchNormState
 
 Implementation = Literal["fused", "reference"]

@@ -48,8 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _activation
-from jaxbn import _stats
+from jaxbn import _activation, _stats
 
 
 def check(activation, negative_slope, implementation) -> None:

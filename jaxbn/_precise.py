@@ -30,8 +30,7 @@ import numpy as np
 from flax.core import freeze, unfreeze
 from flax.core.frozen_dict import FrozenDict
 
-from jaxbn import _stats
-from jaxbn import _validation
+from jaxbn import _stats, _validation
 
 
 def pool_moments(moments: Iterable[tuple[Any, Any, Any]]) -> tuple[np.ndarray, ...]:

@@ -22,8 +22,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxbn import _fused
-from jaxbn import _validation
+from jaxbn import _fused, _validation
 
 AxisName = Any  # a hashable axis name, or a tuple of them.
 

@@ -4,6 +4,8 @@ Every check here looks only at static properties (shapes, dtypes, Python
 numbers), so it runs once while tracing and costs nothing at run time.
 """
 
+import math
+import warnings
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any
@@ -173,3 +175,28 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> None:
   indices = sorted(i for group in groups for i in group)
   if indices != list(range(size)):
     raise ValueError(f"`axis_index_groups`={groups!r} does not partition the axis; {expected}.")
+
+
+def flax_fallback(x, feature_axes, *, training: bool, mask, axis_name) -> bool:
+  """Whether the Flax modules hand ``x`` to Flax's implementation; warns when degenerate.
+
+  Flax accepts two inputs that ``jaxbn.batch_norm`` refuses: complex ``x``, and
+  training on a single value per feature (no ``mask``, no ``axis_name``), where
+  the batch variance is 0. Both keep Flax's behaviour in the modules.
+  """
+  if jnp.iscomplexobj(x):
+    return True
+  shape = jnp.shape(x)
+  single = math.prod(shape) == math.prod(shape[a] for a in feature_axes)
+  if not (training and single and mask is None and axis_name is None):
+    return False
+  warnings.warn(
+      f"BatchNorm in training mode got a single value per feature (input of shape "
+      f"{shape}, feature axes {feature_axes}): the batch variance is 0, so the output "
+      "is the bias alone and the running variance decays towards 0. This follows "
+      "Flax; jaxbn.batch_norm raises here. Use a larger batch, or the running "
+      "statistics (use_running_average=True, model.eval()) for single examples.",
+      UserWarning,
+      stacklevel=3,
+  )
+  return True

@@ -13,9 +13,6 @@ batch statistics of a single value per feature (then the variance is 0 and
 the output is the bias alone; a ``UserWarning`` says so).
 """
 
-import math
-import warnings
-
 import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import dtypes
@@ -23,31 +20,6 @@ from flax.linen import dtypes
 from jaxbn import _core, _validation
 from jaxbn._precise import recompute_stats as recompute_stats
 from jaxbn._state import BatchNormState
-
-
-def _flax_fallback(x, feature_axes, *, training: bool, mask, axis_name) -> bool:
-  """Whether the Flax modules hand ``x`` to Flax's implementation; warns when degenerate.
-
-  Flax accepts two inputs that ``jaxbn.batch_norm`` refuses: complex ``x``, and
-  training on a single value per feature (no ``mask``, no ``axis_name``), where
-  the batch variance is 0. Both keep Flax's behaviour in the modules.
-  """
-  if jnp.iscomplexobj(x):
-    return True
-  shape = jnp.shape(x)
-  single = math.prod(shape) == math.prod(shape[a] for a in feature_axes)
-  if not (training and single and mask is None and axis_name is None):
-    return False
-  warnings.warn(
-      f"BatchNorm in training mode got a single value per feature (input of shape "
-      f"{shape}, feature axes {feature_axes}): the batch variance is 0, so the output "
-      "is the bias alone and the running variance decays towards 0. This follows "
-      "Flax; jaxbn.batch_norm raises here. Use a larger batch, or the running "
-      "statistics (use_running_average=True, model.eval()) for single examples.",
-      UserWarning,
-      stacklevel=3,
-  )
-  return True
 
 
 class BatchNorm(nn.BatchNorm):
@@ -99,7 +71,9 @@ class BatchNorm(nn.BatchNorm):
     initializing = self.is_initializing()
     axis_name = None if initializing else self.axis_name
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
-    if _flax_fallback(x, feature_axes, training=training, mask=mask, axis_name=axis_name):
+    if _validation.flax_fallback(
+        x, feature_axes, training=training, mask=mask, axis_name=axis_name
+    ):
       return super().__call__(x, use_running_average, mask=mask)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype

@@ -13,7 +13,6 @@ from flax import nnx
 
 from jaxbn import _core, _validation
 from jaxbn._state import BatchNormState
-from jaxbn.linen import _flax_fallback
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -69,7 +68,9 @@ class BatchNorm(nnx.BatchNorm):
       )
     training = not use_running_average
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
-    if _flax_fallback(x, feature_axes, training=training, mask=mask, axis_name=self.axis_name):
+    if _validation.flax_fallback(
+        x, feature_axes, training=training, mask=mask, axis_name=self.axis_name
+    ):
       return super().__call__(x, use_running_average, mask=mask)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     scale = self.scale[...] if self.scale is not None else None
