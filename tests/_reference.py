@@ -1,15 +1,16 @@
 """Float64 NumPy references for the numerical contract, and per-dtype tolerances."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 # Absolute tolerances on normalized outputs (unit scale) and on statistics
 # relative to the data's spread, per input dtype.
 TOLERANCE = {
-    jnp.dtype(jnp.float64): 1e-10,
-    jnp.dtype(jnp.float32): 2e-5,
-    jnp.dtype(jnp.bfloat16): 4e-2,
-    jnp.dtype(jnp.float16): 4e-3,
+  jnp.dtype(jnp.float64): 1e-10,
+  jnp.dtype(jnp.float32): 2e-5,
+  jnp.dtype(jnp.bfloat16): 4e-2,
+  jnp.dtype(jnp.float16): 4e-3,
 }
 
 
@@ -65,14 +66,41 @@ def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
   return y
 
 
-def batch_norm(x, mean, var, count, scale=None, bias=None, *, training, axis=-1,
-               momentum=0.99, epsilon=1e-5, mask=None):
+def batch_norm(
+  x,
+  mean,
+  var,
+  count,
+  scale=None,
+  bias=None,
+  *,
+  training,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+  mask=None,
+):
   """Returns (y, (new_mean, new_var, new_count)) in float64."""
   if not training:
     return normalize(x, mean, var, scale, bias, axis, epsilon), (mean, var, count)
   bm, bv = batch_stats(x, axis, mask)
   y = normalize(x, bm, bv, scale, bias, axis, epsilon)
-  new = (momentum * np.asarray(mean, np.float64) + (1 - momentum) * bm,
-         momentum * np.asarray(var, np.float64) + (1 - momentum) * bv,
-         count + 1)
+  new = (
+    momentum * np.asarray(mean, np.float64) + (1 - momentum) * bm,
+    momentum * np.asarray(var, np.float64) + (1 - momentum) * bv,
+    count + 1,
+  )
   return y, new
+
+
+def tree_spec(tree):
+  """The (shape, dtype) of every leaf: what a checkpoint must agree on."""
+  return jax.tree.map(lambda v: (v.shape, v.dtype), tree)
+
+
+def assert_trees_close(got, want):
+  """Equal dtypes, and values to the rounding of that dtype (bfloat16: a few ulps)."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype
+    tol = 3e-2 if a.dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), tol, tol)

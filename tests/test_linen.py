@@ -32,27 +32,15 @@ def _perturbed(variables, seed=1):
   leaves, treedef = jax.tree.flatten(variables)
   rng = np.random.default_rng(seed)
   leaves = [
-      (leaf + 0.3 * rng.uniform(0.5, 1.0, size=leaf.shape)).astype(leaf.dtype) for leaf in leaves
+    (leaf + 0.3 * rng.uniform(0.5, 1.0, size=leaf.shape)).astype(leaf.dtype) for leaf in leaves
   ]
   return jax.tree.unflatten(treedef, leaves)
 
 
-def _tree_spec(tree):
-  return jax.tree.map(lambda v: (v.shape, v.dtype), tree)
-
-
-def _assert_close(got, want):
-  """Equal dtypes, and values to the rounding of that dtype (bfloat16: a few ulps)."""
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert a.dtype == b.dtype
-    tol = 3e-2 if a.dtype == bf16 else 2e-5
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), tol, tol)
-
-
 def _pair(**kwargs):
   return (
-      nn.BatchNorm(use_fast_variance=False, **kwargs),
-      jaxbn.linen.BatchNorm(use_fast_variance=False, **kwargs),
+    nn.BatchNorm(use_fast_variance=False, **kwargs),
+    jaxbn.linen.BatchNorm(use_fast_variance=False, **kwargs),
   )
 
 
@@ -61,8 +49,11 @@ def _train_step(module, variables, x, **kwargs):
 
   def loss(params, x):
     y, updates = module.apply(
-        {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"],
-        **kwargs,
+      {**variables, "params": params},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+      **kwargs,
     )
     return jnp.sum(jnp.sin(2.0 * y.astype(f32))), (y, updates["batch_stats"])
 
@@ -86,72 +77,72 @@ def test_flax_variables_give_the_same_outputs_statistics_and_gradients(shape, ax
     mask[:2] = True
   key = jax.random.key(0)
   flax_vars = flax_bn.init(key, x, use_running_average=True)
-  assert _tree_spec(ours.init(key, x, use_running_average=True)) == _tree_spec(flax_vars)
+  assert _reference.tree_spec(ours.init(key, x, use_running_average=True)) == _reference.tree_spec(
+    flax_vars
+  )
   flax_vars = _perturbed(flax_vars)
 
   got = _train_step(ours, flax_vars, x, mask=mask)
   want = _train_step(flax_bn, flax_vars, x, mask=mask)
-  _assert_close(got, want)
+  _reference.assert_trees_close(got, want)
   # And the float64 reference, for the statistics.
   stats = flax_vars["batch_stats"]
   _, (mean, var, _) = _reference.batch_norm(
-      x, stats["mean"], stats["var"], 0, training=True, axis=axis, momentum=0.8, mask=mask
+    x, stats["mean"], stats["var"], 0, training=True, axis=axis, momentum=0.8, mask=mask
   )
   np.testing.assert_allclose(got[1]["mean"], mean, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got[1]["var"], var, rtol=2e-5, atol=2e-5)
   # Inference with the updated statistics.
   evaluated = {**flax_vars, "batch_stats": got[1]}
-  _assert_close(
-      ours.apply(evaluated, x, use_running_average=True),
-      flax_bn.apply(evaluated, x, use_running_average=True),
+  _reference.assert_trees_close(
+    ours.apply(evaluated, x, use_running_average=True),
+    flax_bn.apply(evaluated, x, use_running_average=True),
   )
 
 
-@pytest.mark.parametrize(
-    ("use_scale", "use_bias"), [(False, True), (True, False), (False, False)]
-)
+@pytest.mark.parametrize(("use_scale", "use_bias"), [(False, True), (True, False), (False, False)])
 def test_without_scale_or_bias_the_variables_and_outputs_match(use_scale, use_bias):
   flax_bn, ours = _pair(use_scale=use_scale, use_bias=use_bias, use_running_average=False)
   x = _input((10, 4))
   flax_vars = flax_bn.init(jax.random.key(0), x)
-  assert _tree_spec(ours.init(jax.random.key(0), x)) == _tree_spec(flax_vars)
+  assert _reference.tree_spec(ours.init(jax.random.key(0), x)) == _reference.tree_spec(flax_vars)
   if not (use_scale or use_bias):
     assert "params" not in flax_vars
   y, stats = ours.apply(flax_vars, x, mutable=["batch_stats"])
   y_flax, stats_flax = flax_bn.apply(flax_vars, x, mutable=["batch_stats"])
-  _assert_close((y, stats), (y_flax, stats_flax))
+  _reference.assert_trees_close((y, stats), (y_flax, stats_flax))
 
 
 @pytest.mark.parametrize(
-    ("x_dtype", "dtype", "param_dtype"),
-    [(bf16, None, f32), (bf16, None, bf16), (f32, bf16, f32), (bf16, f32, bf16), (f32, None, bf16)],
+  ("x_dtype", "dtype", "param_dtype"),
+  [(bf16, None, f32), (bf16, None, bf16), (f32, bf16, f32), (bf16, f32, bf16), (f32, None, bf16)],
 )
 def test_dtype_promotion_matches_flax(x_dtype, dtype, param_dtype):
   flax_bn, ours = _pair(dtype=dtype, param_dtype=param_dtype)
   x = _input((16, 3), x_dtype)
   flax_vars = flax_bn.init(jax.random.key(0), x, use_running_average=True)
-  assert _tree_spec(ours.init(jax.random.key(0), x, use_running_average=True)) == _tree_spec(
-      flax_vars
-  )
+  assert _reference.tree_spec(
+    ours.init(jax.random.key(0), x, use_running_average=True)
+  ) == _reference.tree_spec(flax_vars)
   assert flax_vars["batch_stats"]["mean"].dtype == f32  # statistics stay float32
   flax_vars = _perturbed(flax_vars)
   got, want = _train_step(ours, flax_vars, x), _train_step(flax_bn, flax_vars, x)
-  _assert_close(got, want)
+  _reference.assert_trees_close(got, want)
 
 
 def test_force_float32_reductions_false_stores_statistics_in_param_dtype_like_flax():
   flax_bn, ours = _pair(param_dtype=bf16, force_float32_reductions=False)
   x = _input((8, 3), bf16)
   variables = ours.init(jax.random.key(0), x, use_running_average=True)
-  assert _tree_spec(variables) == _tree_spec(
-      flax_bn.init(jax.random.key(0), x, use_running_average=True)
+  assert _reference.tree_spec(variables) == _reference.tree_spec(
+    flax_bn.init(jax.random.key(0), x, use_running_average=True)
   )
   assert variables["batch_stats"]["var"].dtype == bf16
   # The reductions still run in float32, so our statistics are at least as accurate.
   _, stats = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   mean, _ = _reference.batch_stats(x)
   np.testing.assert_allclose(
-      np.asarray(stats["batch_stats"]["mean"], np.float32), 0.01 * mean, rtol=1e-2
+    np.asarray(stats["batch_stats"]["mean"], np.float32), 0.01 * mean, rtol=1e-2
   )
 
 
@@ -160,7 +151,7 @@ def test_init_computes_batch_statistics_but_does_not_store_them():
   x = _input((8, 3))
   y, variables = ours.init_with_output(jax.random.key(0), x)
   y_flax, flax_vars = flax_bn.init_with_output(jax.random.key(0), x)
-  _assert_close((y, variables), (y_flax, flax_vars))
+  _reference.assert_trees_close((y, variables), (y_flax, flax_vars))
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
   np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
   # The axis name need not be bound while initializing, as in Flax.
@@ -179,7 +170,7 @@ def test_use_running_average_is_merged_like_flax():
   flax_bn, ours = _pair(use_running_average=True)
   variables = _perturbed(flax_bn.init(jax.random.key(0), x))
   # Inference needs no mutable collection and leaves the statistics alone.
-  _assert_close(ours.apply(variables, x), flax_bn.apply(variables, x))
+  _reference.assert_trees_close(ours.apply(variables, x), flax_bn.apply(variables, x))
 
 
 def test_axis_name_under_vmap_gives_full_batch_statistics():
@@ -192,11 +183,13 @@ def test_axis_name_under_vmap_gives_full_batch_statistics():
 
   got = jax.vmap(lambda x: apply(ours, x), axis_name="batch")(x)
   want = jax.vmap(lambda x: apply(flax_bn, x), axis_name="batch")(x)
-  _assert_close(got, want)
+  _reference.assert_trees_close(got, want)
   # The same as one module seeing the whole batch.
   _, unmapped = _pair(use_running_average=False, momentum=0.5)
   y, stats = unmapped.apply(variables, x.reshape(24, 3), mutable=["batch_stats"])
-  _assert_close((got[0].reshape(24, 3), jax.tree.map(lambda v: v[0], got[1])), (y, stats))
+  _reference.assert_trees_close(
+    (got[0].reshape(24, 3), jax.tree.map(lambda v: v[0], got[1])), (y, stats)
+  )
 
 
 def test_jitted_module_in_a_model_matches_flax_twice():
@@ -220,16 +213,16 @@ def test_jitted_module_in_a_model_matches_flax_twice():
       y, updates = step(v, x)
       v = {**v, **updates}
     results.append((y, v))
-  _assert_close(results[0], results[1])
+  _reference.assert_trees_close(results[0], results[1])
 
 
 def test_complex_input_is_handed_to_flax():
   flax_bn, ours = _pair(use_running_average=False, dtype=jnp.complex64)
   x = jax.random.normal(jax.random.key(0), (6, 3), jnp.complex64)
   variables = flax_bn.init(jax.random.key(1), x)
-  _assert_close(
-      ours.apply(variables, x, mutable=["batch_stats"]),
-      flax_bn.apply(variables, x, mutable=["batch_stats"]),
+  _reference.assert_trees_close(
+    ours.apply(variables, x, mutable=["batch_stats"]),
+    flax_bn.apply(variables, x, mutable=["batch_stats"]),
   )
 
 
@@ -240,7 +233,7 @@ def test_single_value_per_feature_in_training_warns_and_follows_flax():
   variables = _perturbed(flax_bn.init(jax.random.key(0), x))
   with pytest.warns(UserWarning, match="single value per feature"):
     got = ours.apply(variables, x, mutable=["batch_stats"])
-  _assert_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))
+  _reference.assert_trees_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # inference on one example is fine
     _pair()[1].apply(variables, x, use_running_average=True)
@@ -252,4 +245,4 @@ def test_integer_input_is_promoted_to_the_params_dtype_like_flax():
   variables = flax_bn.init(jax.random.key(0), x)
   got = ours.apply(variables, x, mutable=["batch_stats"])
   assert got[0].dtype == f32
-  _assert_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))
+  _reference.assert_trees_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))

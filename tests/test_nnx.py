@@ -35,26 +35,14 @@ def _pair(num_features, **kwargs):
   flax_bn = nnx.BatchNorm(num_features, use_fast_variance=False, rngs=nnx.Rngs(0), **kwargs)
   ours = jaxbn.nnx.BatchNorm(num_features, use_fast_variance=False, rngs=nnx.Rngs(1), **kwargs)
   state = nnx.state(flax_bn)
-  assert _spec(nnx.state(ours)) == _spec(state)
+  assert _reference.tree_spec(nnx.state(ours)) == _reference.tree_spec(state)
   rng = np.random.default_rng(1)
   state = jax.tree.map(
-      lambda v: (v + 0.3 * rng.uniform(0.5, 1.0, size=v.shape)).astype(v.dtype), state
+    lambda v: (v + 0.3 * rng.uniform(0.5, 1.0, size=v.shape)).astype(v.dtype), state
   )
   nnx.update(flax_bn, state)
   nnx.update(ours, state)
   return flax_bn, ours
-
-
-def _spec(tree):
-  return jax.tree.map(lambda v: (v.shape, v.dtype), tree)
-
-
-def _assert_close(got, want):
-  """Equal dtypes, and values to the rounding of that dtype (bfloat16: a few ulps)."""
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert a.dtype == b.dtype
-    tol = 3e-2 if a.dtype == bf16 else 2e-5
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), tol, tol)
 
 
 def _train_step(model, x, **kwargs):
@@ -83,14 +71,16 @@ def test_flax_state_gives_the_same_outputs_statistics_and_gradients(shape, axis,
     mask[:2] = True
   old_mean, old_var = ours.mean[...], ours.var[...]
   got = _train_step(ours, x, mask=mask)
-  _assert_close(got, _train_step(flax_bn, x, mask=mask))
+  _reference.assert_trees_close(got, _train_step(flax_bn, x, mask=mask))
   # The statistics against the float64 reference.
   _, (mean, var, _) = _reference.batch_norm(
-      x, old_mean, old_var, 0, training=True, axis=axis, momentum=0.8, mask=mask
+    x, old_mean, old_var, 0, training=True, axis=axis, momentum=0.8, mask=mask
   )
   np.testing.assert_allclose(ours.mean[...], mean, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(ours.var[...], var, rtol=2e-5, atol=2e-5)
-  _assert_close(ours(x, use_running_average=True), flax_bn(x, use_running_average=True))
+  _reference.assert_trees_close(
+    ours(x, use_running_average=True), flax_bn(x, use_running_average=True)
+  )
 
 
 def test_several_feature_axes_hold_num_features_values_and_match_the_reference():
@@ -103,30 +93,28 @@ def test_several_feature_axes_hold_num_features_values_and_match_the_reference()
   assert bn.mean[...].shape == (6,)
   scale = bn.scale[...].reshape(2, 3)
   y_ref, (mean, var, _) = _reference.batch_norm(
-      x, np.zeros((2, 3)), np.ones((2, 3)), 0, scale, training=True, axis=(1, 2), momentum=0.8
+    x, np.zeros((2, 3)), np.ones((2, 3)), 0, scale, training=True, axis=(1, 2), momentum=0.8
   )
   np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(bn.mean[...], mean.reshape(6), rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(bn.var[...], var.reshape(6), rtol=2e-5, atol=2e-5)
   bn.eval()
   np.testing.assert_allclose(
-      bn(x), _reference.normalize(x, mean, var, scale, axis=(1, 2)), rtol=2e-5, atol=2e-5
+    bn(x), _reference.normalize(x, mean, var, scale, axis=(1, 2)), rtol=2e-5, atol=2e-5
   )
 
 
-@pytest.mark.parametrize(
-    ("use_scale", "use_bias"), [(False, True), (True, False), (False, False)]
-)
+@pytest.mark.parametrize(("use_scale", "use_bias"), [(False, True), (True, False), (False, False)])
 def test_without_scale_or_bias_the_state_and_outputs_match(use_scale, use_bias):
   flax_bn, ours = _pair(4, use_scale=use_scale, use_bias=use_bias)
   assert (ours.scale is None, ours.bias is None) == (not use_scale, not use_bias)
   x = _input((10, 4))
-  _assert_close(_train_step(ours, x), _train_step(flax_bn, x))
+  _reference.assert_trees_close(_train_step(ours, x), _train_step(flax_bn, x))
 
 
 @pytest.mark.parametrize(
-    ("x_dtype", "dtype", "param_dtype"),
-    [(bf16, None, f32), (bf16, None, bf16), (f32, bf16, f32), (jnp.int32, None, f32)],
+  ("x_dtype", "dtype", "param_dtype"),
+  [(bf16, None, f32), (bf16, None, bf16), (f32, bf16, f32), (jnp.int32, None, f32)],
 )
 def test_dtype_promotion_matches_flax(x_dtype, dtype, param_dtype):
   # nnx promotes the input, the statistics and the params together (float32
@@ -135,7 +123,9 @@ def test_dtype_promotion_matches_flax(x_dtype, dtype, param_dtype):
   x = _input((16, 3), x_dtype)
   y, y_flax = ours(x), flax_bn(x)
   assert y.dtype == y_flax.dtype == (dtype or f32)
-  _assert_close((y, nnx.state(ours, nnx.BatchStat)), (y_flax, nnx.state(flax_bn, nnx.BatchStat)))
+  _reference.assert_trees_close(
+    (y, nnx.state(ours, nnx.BatchStat)), (y_flax, nnx.state(flax_bn, nnx.BatchStat))
+  )
   assert ours.mean[...].dtype == f32
 
 
@@ -146,7 +136,9 @@ def test_train_eval_view_and_call_time_override():
   bn.eval()
   assert bn.use_running_average is True
   y_eval = bn(x)
-  _assert_close(nnx.state(bn, nnx.BatchStat), stats)  # eval leaves the statistics alone
+  _reference.assert_trees_close(
+    nnx.state(bn, nnx.BatchStat), stats
+  )  # eval leaves the statistics alone
   bn.train()
   assert bn.use_running_average is False
   y_train = bn(x)
@@ -156,8 +148,8 @@ def test_train_eval_view_and_call_time_override():
   view = nnx.view(bn, use_running_average=True)
   assert view.use_running_average is True and bn.use_running_average is False
   stats = nnx.clone(nnx.state(bn, nnx.BatchStat))
-  _assert_close(view(x), bn(x, use_running_average=True))  # call-time argument wins
-  _assert_close(nnx.state(bn, nnx.BatchStat), stats)
+  _reference.assert_trees_close(view(x), bn(x, use_running_average=True))  # call-time argument wins
+  _reference.assert_trees_close(nnx.state(bn, nnx.BatchStat), stats)
   assert not np.allclose(view(x), y_eval)  # the statistics moved in between
   bn.use_running_average = None
   with pytest.raises(ValueError, match="use_running_average"):
@@ -196,7 +188,7 @@ def test_jitted_training_step_with_an_optimizer_matches_flax_and_traces_once():
     losses = [train_step(model, optimizer, x, target) for _ in range(2)]
     results.append((losses, nnx.state(model)))
   assert len(traces) == 2  # once per model class, not once per step
-  _assert_close(results[1], results[0])
+  _reference.assert_trees_close(results[1], results[0])
 
 
 @pytest.mark.parametrize("norm", CLASSES, ids=["flax", "jaxbn"])
@@ -212,8 +204,8 @@ def test_vmap_with_axis_name_twice_gives_full_batch_statistics(norm):
   for _ in range(2):  # the second call reads the state the first one wrote
     y = forward(bn, x)
     y_full = full(x.reshape(24, 3))
-    _assert_close(y.reshape(24, 3), y_full)
-    _assert_close(nnx.state(bn), nnx.state(full))
+    _reference.assert_trees_close(y.reshape(24, 3), y_full)
+    _reference.assert_trees_close(nnx.state(bn), nnx.state(full))
 
 
 def _ensemble(norm, members=4):
@@ -244,7 +236,7 @@ def test_vmap_ensemble_and_scan_over_layers_match_flax_on_two_calls():
       outputs.append(layers(stack, x[0]))
     results.append((outputs, nnx.state(ensemble), nnx.state(stack)))
   assert results[1][1]["mean"][...].shape == (4, 3)
-  _assert_close(results[1], results[0])
+  _reference.assert_trees_close(results[1], results[0])
 
 
 # Flax writes the complex batch mean into its float32 running mean, with warnings.
@@ -253,7 +245,7 @@ def test_vmap_ensemble_and_scan_over_layers_match_flax_on_two_calls():
 def test_complex_input_is_handed_to_flax():
   flax_bn, ours = _pair(3, dtype=jnp.complex64)
   x = jax.random.normal(jax.random.key(0), (6, 3), jnp.complex64)
-  _assert_close((ours(x), nnx.state(ours)), (flax_bn(x), nnx.state(flax_bn)))
+  _reference.assert_trees_close((ours(x), nnx.state(ours)), (flax_bn(x), nnx.state(flax_bn)))
 
 
 def test_single_value_per_feature_in_training_warns_and_follows_flax():
@@ -263,7 +255,7 @@ def test_single_value_per_feature_in_training_warns_and_follows_flax():
   x = _input((1, 3))
   with pytest.warns(UserWarning, match="single value per feature"):
     y = ours(x)
-  _assert_close((y, nnx.state(ours)), (flax_bn(x), nnx.state(flax_bn)))
+  _reference.assert_trees_close((y, nnx.state(ours)), (flax_bn(x), nnx.state(flax_bn)))
   ours.eval()
   with warnings.catch_warnings():
     warnings.simplefilter("error")
