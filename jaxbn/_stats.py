@@ -293,7 +293,7 @@ def batch_stats(
   feature_axes = _validation.canonicalize_axes(axis, x.ndim)
   _validation.check_mask(mask, x.shape)
   moments = global_moments(
-      x.astype(compute_dtype(x.dtype)),
+      x,  # read as stored: the reductions cast to the compute dtype themselves
       feature_axes,
       mask,
       axis_name,
