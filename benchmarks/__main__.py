@@ -4,11 +4,17 @@ Prints a table, writes ``results/<device>-<date>.json`` and a PNG chart beside i
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from . import contenders, report, runner
-from .shapes import BY_NAME, SHAPES
+# JAX would take 75% of a GPU's memory at start, leaving PyTorch too little.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+
+from . import contenders, report, runner  # noqa: E402
+from .shapes import BY_NAME, for_platform  # noqa: E402
 
 # --quick: every shape and mode in float32, fewer rounds (about a minute on 2 cores).
 QUICK_DTYPES = ("float32",)
@@ -23,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
       help=f"{', '.join(QUICK_DTYPES)} only, {QUICK_REPS} timed calls per case "
       "(about a minute on 2 cores); results go to <device>-<date>-quick.json",
   )
-  parser.add_argument("--shapes", nargs="+", choices=list(BY_NAME), help="shapes to run")
+  parser.add_argument(
+      "--shapes",
+      nargs="+",
+      choices=list(BY_NAME),
+      help="shapes to run, by name (on GPU and TPU with 8 times the batch; see shapes.py)",
+  )
   parser.add_argument("--dtypes", nargs="+", choices=list(report.DTYPES), help="dtypes to run")
   parser.add_argument("--modes", nargs="+", choices=list(contenders.MODES), help="modes to run")
   parser.add_argument(
@@ -65,7 +76,8 @@ def main(argv=None) -> int:
   if not args.system_allocator:
     note = runner.retain_freed_memory()
     notes.append(note or "the system allocator is not glibc; left as it is.")
-  torch = None
+  platform = jax.default_backend()
+  torch, torch_device = None, "cpu"
   if not args.no_torch:
     try:
       import torch
@@ -73,12 +85,18 @@ def main(argv=None) -> int:
       notes.append(f"PyTorch rows skipped: torch is not importable ({error}).")
     else:
       torch.set_num_threads(runner.cores())
+      if platform == "gpu" and torch.cuda.is_available():
+        torch_device = "cuda"
+      elif platform != "cpu":
+        notes.append(f"PyTorch runs on the CPU: it has no device for JAX's {platform!r}.")
+  shapes = for_platform(platform)
   config = runner.Config(
-      shapes=[BY_NAME[n] for n in args.shapes] if args.shapes else SHAPES,
+      shapes=[s for s in shapes if s.name in args.shapes] if args.shapes else shapes,
       dtypes=args.dtypes or (QUICK_DTYPES if args.quick else report.DTYPES),
       modes=args.modes or contenders.MODES,
       contenders=args.contenders or runner.Config.contenders,
       torch=torch,
+      torch_device=torch_device,
       reps=args.reps or (QUICK_REPS if args.quick else runner.Config.reps),
       quick=args.quick,
       wait_idle=args.wait_idle,

@@ -10,9 +10,10 @@ A contender is built for one input ``Shape``, dtype and mode:
 JAX contenders are jitted and compiled ahead of time (the compile time is kept
 apart from the run time), so a call runs only the compiled executable.
 PyTorch contenders call ``torch.nn.functional.batch_norm`` eagerly, as people
-use it on CPU. Every contender gets the same data, momentum 0.99 (PyTorch's
-0.01) and epsilon 1e-5; scale and bias are float32 parameters, the output has
-the input's dtype.
+use it (cuDNN on a GPU), and wait for the GPU before returning. Every
+contender gets the same data, momentum 0.99 (PyTorch's 0.01) and epsilon
+1e-5; scale and bias are float32 parameters, the output has the input's
+dtype.
 """
 
 import time
@@ -195,8 +196,8 @@ def jax_cases(shape: Shape, dtype, mode: str, names=JAX_CONTENDERS) -> list[Case
   return cases
 
 
-def torch_cases(shape: Shape, dtype, mode: str, torch) -> list[Case]:
-  """The PyTorch contenders for one shape, dtype and mode.
+def torch_cases(shape: Shape, dtype, mode: str, torch, device: str = "cpu") -> list[Case]:
+  """The PyTorch contenders for one shape, dtype and mode, on ``device`` ("cpu" or "cuda").
 
   Image shapes give two rows: ``torch-nchw`` (PyTorch's default contiguous
   layout) and ``torch-channels-last`` (NHWC memory, the same bytes the JAX
@@ -211,7 +212,18 @@ def torch_cases(shape: Shape, dtype, mode: str, torch) -> list[Case]:
   training = mode != "inference"
 
   def tensor(a):
-    return torch.from_numpy(np.array(a)).to(torch_dtype)
+    return torch.from_numpy(np.array(a)).to(device, torch_dtype)
+
+  def synchronized(run):
+    if device == "cpu":
+      return run
+
+    def run_and_wait():
+      out = run()
+      torch.cuda.synchronize()
+      return out
+
+    return run_and_wait
 
   layouts = [("torch-nchw", "NC")]
   if len(shape.shape) == 4:
@@ -223,9 +235,10 @@ def torch_cases(shape: Shape, dtype, mode: str, torch) -> list[Case]:
       x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
       memory_format = torch.channels_last if layout == "NHWC" else torch.contiguous_format
       x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
-    weight = torch.ones(features, requires_grad=True)
-    bias = torch.zeros(features, requires_grad=True)
-    running_mean, running_var = torch.zeros(features), torch.ones(features)
+    weight = torch.ones(features, device=device, requires_grad=True)
+    bias = torch.zeros(features, device=device, requires_grad=True)
+    running_mean = torch.zeros(features, device=device)
+    running_var = torch.ones(features, device=device)
 
     def batch_norm(x, weight=weight, bias=bias, mean=running_mean, var=running_var):
       return F.batch_norm(x, mean, var, weight, bias, training, 1 - MOMENTUM, EPSILON)
@@ -246,7 +259,7 @@ def torch_cases(shape: Shape, dtype, mode: str, torch) -> list[Case]:
     residuals = None
     if training:
       residuals = _torch_residual_bytes(torch, batch_norm, x.detach().requires_grad_(True))
-    cases.append(Case(name, layout, run, None, residuals, None))
+    cases.append(Case(name, layout, synchronized(run), None, residuals, None))
   return cases
 
 

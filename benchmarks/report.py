@@ -5,6 +5,7 @@ quick runs add ``-quick``)::
 
     {"device": "cpu", "device_kind": str, "date": "YYYY-MM-DD",
      "jax_version": str, "flax_version": str, "torch_version": str | null,
+     "torch_device": "cpu" | "cuda" | null (absent in older documents),
      "cores": int, "quick": bool, "copy_gbps": {"<shape-key>/<dtype>": float},
      "results": [{"contender", "mode", "shape", "layout", "dtype", "median_ms",
                   "gbps", "x_ideal", "x_flax", "x_torch", "residual_bytes",
@@ -111,7 +112,8 @@ def table(doc: dict) -> str:
   order = {name: i for i, name in enumerate(CONTENDERS)}
   lines = [
       f"{doc['device_kind']} ({doc.get('processor', '')}), {doc['cores']} cores, "
-      f"jax {doc['jax_version']}, flax {doc['flax_version']}, torch {doc['torch_version']}",
+      f"jax {doc['jax_version']}, flax {doc['flax_version']}, torch {doc['torch_version']}"
+      + (f" on {doc['torch_device']}" if doc.get("torch_device") else ""),
       "x-ratios are time / the other's time: below 1 is faster.",
   ]
   if "other_load_median" in doc:

@@ -57,6 +57,7 @@ class Config:
   modes: Sequence[str] = MODES
   contenders: Sequence[str] = JAX_CONTENDERS + TORCH_CONTENDERS
   torch: Any = None  # the torch module, or None to leave PyTorch out
+  torch_device: str = "cpu"  # "cuda" to run PyTorch on the GPU
   reps: int = 50
   warmup: int = 3
   quick: bool = False
@@ -210,7 +211,7 @@ def run(config: Config) -> dict:
     phases = [{case.contender: case.run for case in cases}]
     phases[0]["copy"] = copy_case(shape, jnp.dtype(dtype))
     if config.torch is not None and set(config.contenders) & set(TORCH_CONTENDERS):
-      more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch)
+      more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch, config.torch_device)
       more = [case for case in more if case.contender in config.contenders]
       if more:
         phases.append({case.contender: case.run for case in more})
@@ -285,6 +286,7 @@ def run(config: Config) -> dict:
       "jax_version": jax.__version__,
       "flax_version": _version("flax"),
       "torch_version": None if config.torch is None else config.torch.__version__,
+      "torch_device": None if config.torch is None else config.torch_device,
       "cores": cores(),
       "quick": config.quick,
       "reps": config.reps,

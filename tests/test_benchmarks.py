@@ -8,7 +8,7 @@ import pytest
 from benchmarks import __main__ as cli
 from benchmarks import report
 from benchmarks.contenders import JAX_CONTENDERS, MODES
-from benchmarks.shapes import TINY
+from benchmarks.shapes import ACCELERATOR_BATCH_FACTOR, SHAPES, TINY, for_platform
 
 
 def test_cli_writes_a_valid_document_and_chart(tmp_path, capsys):
@@ -90,3 +90,11 @@ def test_validate_names_the_broken_field(path, value, message):
   with pytest.raises(ValueError, match=message):
     report.validate(doc)
 
+
+
+def test_accelerator_shapes_scale_the_batch_and_keep_the_tiny_case():
+  assert for_platform("cpu") == SHAPES
+  for cpu, gpu in zip(SHAPES, for_platform("gpu"), strict=True):
+    assert gpu.name == cpu.name and gpu.layout == cpu.layout and gpu.features == cpu.features
+    factor = 1 if cpu is TINY else ACCELERATOR_BATCH_FACTOR
+    assert gpu.shape == (cpu.shape[0] * factor,) + cpu.shape[1:]
