@@ -19,6 +19,8 @@ from .shapes import BY_NAME, for_platform  # noqa: E402
 # --quick: every shape and mode in float32, fewer rounds (about a minute on 2 cores).
 QUICK_DTYPES = ("float32",)
 QUICK_REPS = 20
+# On an accelerator a timed sample queues 10 calls (see runner.time_interleaved).
+ACCELERATOR_CALLS_PER_SAMPLE = 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
       torch=torch,
       torch_device=torch_device,
       reps=args.reps or (QUICK_REPS if args.quick else runner.Config.reps),
+      calls_per_sample=1 if platform == "cpu" else ACCELERATOR_CALLS_PER_SAMPLE,
       quick=args.quick,
       wait_idle=args.wait_idle,
       progress=sys.stderr.isatty(),

@@ -60,6 +60,7 @@ class Config:
   torch_device: str = "cpu"  # "cuda" to run PyTorch on the GPU
   reps: int = 50
   warmup: int = 3
+  calls_per_sample: int = 1  # calls queued back to back per timed sample (see time_interleaved)
   quick: bool = False
   progress: bool = True
   wait_idle: float = 0.0  # seconds to wait, before each case, for other processes to go idle
@@ -103,9 +104,15 @@ def cores() -> int:
 
 
 def _block(out) -> None:
+  """Waits until ``out``, JAX arrays or PyTorch tensors, is computed."""
   for leaf in jax.tree.leaves(out):
     if hasattr(leaf, "block_until_ready"):
       leaf.block_until_ready()
+    elif getattr(leaf, "is_cuda", False):
+      import torch
+
+      torch.cuda.synchronize()  # waits for every queued kernel, so once is enough
+      return
 
 
 def time_interleaved(
@@ -114,8 +121,15 @@ def time_interleaved(
     warmup: int,
     blocks: int = 5,
     burst: int = 2,
+    calls: int = 1,
 ) -> dict[str, list[float]]:
-  """Times each ``run()`` ``reps`` times, in milliseconds.
+  """Times each ``run()`` ``reps`` times, in milliseconds per call.
+
+  A sample is ``calls`` calls made back to back, waiting for the last one
+  only, divided by ``calls``. On a CPU one call per sample times the call as a
+  user sees it. An accelerator runs the calls queued behind each other, so
+  several per sample measure the device's time rather than the host's time
+  to launch and wait for one call (tens of microseconds through Python).
 
   Within a phase, the runs take turns in rotating order; each turn makes one
   untimed call, then ``burst`` timed ones. A run thus meets the memory
@@ -146,8 +160,10 @@ def time_interleaved(
           _block(runs[name]())
           for _ in range(burst):
             start = time.perf_counter()
-            _block(runs[name]())
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(calls):
+              out = runs[name]()
+            _block(out)
+            samples[name].append((time.perf_counter() - start) * 1e3 / calls)
   return samples
 
 
@@ -220,7 +236,9 @@ def run(config: Config) -> dict:
       if config.wait_idle:
         wait_until_idle(config.wait_idle)
       meter = _CpuMeter()
-      samples = time_interleaved(phases, config.reps, config.warmup)
+      samples = time_interleaved(
+          phases, config.reps, config.warmup, calls=config.calls_per_sample
+      )
       other_load = meter.others()
       if other_load < _BUSY:  # else other processes disturbed the timings: again
         break
@@ -290,6 +308,7 @@ def run(config: Config) -> dict:
       "cores": cores(),
       "quick": config.quick,
       "reps": config.reps,
+      "calls_per_sample": config.calls_per_sample,
       "notes": list(config.notes),
       # The share of all cores other processes took while each case was timed.
       "other_load_median": statistics.median(others),
