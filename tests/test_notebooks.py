@@ -105,6 +105,25 @@ def test_why_batch_norm_claims_measured_on_digits():
   assert abs(s["unbiased_running_var_ratio_b2"] - 1) < 0.05
   assert s["tiny_batch_val_acc/bn/b2"] < s["tiny_batch_val_acc/plain/b2"] - 0.2
   assert s["tiny_batch_val_acc/bn/b32"] > 0.95
+  # 4. With tiny batches batch norm's training and inference modes disagree; renorm aligns
+  # them and lifts the inference accuracy at batches of 2.
+  assert s["small_batch_losses_finite"] == 1
+  for b in (2, 4, 8, 32):
+    for variant in ("bn", "renorm"):
+      assert 0 <= s[f"inference_val_acc/{variant}/b{b}"] <= 1, (variant, b)
+    assert abs(s[f"train_minus_inference/renorm/b{b}"]) < 0.03, b
+  for b in (2, 4):
+    assert s[f"train_minus_inference/bn/b{b}"] < -0.1, b
+  assert s["inference_val_acc/renorm/b2"] > s["inference_val_acc/bn/b2"] + 0.15
+  for variant in ("bn", "renorm"):
+    assert s[f"inference_val_acc/{variant}/b32"] > 0.95, variant
+  # 5. Ghost batches: noisier training (higher loss), validation accuracy within a point.
+  for v in (64, 32, 16, 8):
+    assert 0.95 < s[f"ghost_val_acc/V{v}"] <= 1, v
+    assert abs(s[f"ghost_val_acc/V{v}"] - s["ghost_val_acc/V256"]) < 0.01, v
+  assert 0.95 < s["ghost_val_acc/V256"] <= 1
+  assert s["ghost_train_loss/V16"] > 3 * s["ghost_train_loss/V256"]
+  assert s["ghost_train_loss/V8"] > 2 * s["ghost_train_loss/V32"]
 
 
 def _results_documents(directory: Path) -> list[Path]:
