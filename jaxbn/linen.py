@@ -17,9 +17,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from jaxbn import _core, _validation
+from jaxbn import _activation, _core, _validation
 from jaxbn._precise import recompute_stats as recompute_stats
+from jaxbn._renorm import Renorm, RenormState
 from jaxbn._state import BatchNormState
+
+# Initial values of the statistics, as in `init_state` and `init_renorm_state`.
+_INITIAL = {
+    "mean": jnp.zeros,
+    "var": jnp.ones,
+    "std": jnp.ones,
+    "renorm_mean": jnp.zeros,
+    "renorm_std": jnp.ones,
+}
 
 
 class BatchNorm(nn.BatchNorm):
@@ -37,6 +47,26 @@ class BatchNorm(nn.BatchNorm):
   ``force_float32_reductions`` only sets the dtype of the stored statistics:
   float32 (default), or ``param_dtype`` when False, as in Flax.
 
+  Then come the variants of ``jaxbn.batch_norm`` (its docstring has the math),
+  whose defaults keep Flax's behaviour and variables:
+
+  - ``averaging``: ``"ema"`` (default), ``"debiased_ema"`` or ``"cumulative"``
+    running statistics; the last two keep the update count in
+    ``batch_stats/count`` (int32 scalar).
+  - ``unbiased_var``: store the unbiased batch variance, as PyTorch does.
+  - ``skip_nonfinite``: leave the statistics unchanged after a batch whose
+    statistics are not all finite.
+  - ``activation``: None, ``"relu"`` or ``"leaky_relu"``, fused with the
+    normalization, applied after the call's ``residual``.
+  - ``negative_slope``: the slope of ``"leaky_relu"`` for negative inputs.
+  - ``inplace``: the In-Place ABN backward pass, which keeps the output
+    instead of the input.
+  - ``renorm``: None, or a ``jaxbn.Renorm`` for Batch Renormalization; adds
+    ``batch_stats/count``, ``std``, ``renorm_mean`` and ``renorm_std``
+    (Keras's ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``).
+  - ``virtual_batch_size``: None, or the size of the ghost batches along axis
+    0 normalized separately.
+
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn.linen
     >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
@@ -45,10 +75,34 @@ class BatchNorm(nn.BatchNorm):
     >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
     >>> updates["batch_stats"]["mean"]
     Array([0.45000002, 0.55      , 0.65000004], dtype=float32)
+
+    A fused ``relu(bn(x) + shortcut)``, and frozen batch norm:
+
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, activation="relu")
+    >>> y, updates = bn.apply(variables, x, residual=x, mutable=["batch_stats"])
+    >>> y_frozen = bn.apply(variables, x, use_batch_stats=False, update_stats=False)
   """
 
+  averaging: _core.Averaging = "ema"
+  unbiased_var: bool = False
+  skip_nonfinite: bool = False
+  activation: _activation.Activation = None
+  negative_slope: float = 0.01
+  inplace: bool = False
+  renorm: Renorm | None = None
+  virtual_batch_size: int | None = None
+
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+  def __call__(
+      self,
+      x,
+      use_running_average: bool | None = None,
+      *,
+      mask=None,
+      residual=None,
+      use_batch_stats: bool | None = None,
+      update_stats: bool | None = None,
+  ):
     """Normalizes ``x`` with batch statistics (training) or running ones.
 
     While the module is initializing the running statistics are not updated
@@ -58,27 +112,73 @@ class BatchNorm(nn.BatchNorm):
       x: the input, e.g. ``(N, H, W, C)``.
       use_running_average: overrides the attribute of the same name: True
         normalizes with the stored statistics, False with the batch's and
-        updates them (unless the module is initializing).
+        updates them (unless the module is initializing). Not needed when
+        both switches below are given.
       mask: optional boolean array broadcastable to ``x``; entries where it is
         False do not count towards the batch statistics.
+      residual: optional array of the shape of ``x`` added to the normalized
+        input before the ``activation`` (a ResNet shortcut).
+      use_batch_stats: overrides ``not use_running_average`` for the
+        statistics that normalize ``x`` (False with ``update_stats=False`` is
+        frozen batch norm).
+      update_stats: overrides ``not use_running_average`` for the update of
+        the running statistics (True with ``use_batch_stats=False`` is
+        calibration).
 
     Returns:
       The normalized input, of the shape of ``x``.
+
+    Raises:
+      ValueError, TypeError: as ``jaxbn.batch_norm``, for the attributes and
+        arguments of the same names.
     """
-    training = not nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
+    if use_batch_stats is None or update_stats is None:
+      training = not nn.merge_param(
+          "use_running_average", self.use_running_average, use_running_average
+      )
+    else:  # Both switches given: `use_running_average` decides nothing.
+      training = False
+    uses_batch_stats, updates_stats = _core._resolve_switches(
+        training, use_batch_stats, update_stats
     )
     initializing = self.is_initializing()
     axis_name = None if initializing else self.axis_name
+    variants = dict(
+        use_batch_stats=use_batch_stats,
+        update_stats=update_stats,
+        averaging=self.averaging,
+        unbiased_var=self.unbiased_var,
+        skip_nonfinite=self.skip_nonfinite,
+        activation=self.activation,
+        negative_slope=self.negative_slope,
+        residual=residual,
+        inplace=self.inplace,
+        renorm=self.renorm,
+        virtual_batch_size=self.virtual_batch_size,
+    )
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
     if _validation.flax_fallback(
-        x, feature_axes, training=training, mask=mask, axis_name=axis_name
+        x,
+        feature_axes,
+        training=uses_batch_stats or updates_stats,
+        mask=mask,
+        axis_name=axis_name,
+        variants=variants,
     ):
       return super().__call__(x, use_running_average, mask=mask)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, state_dtype)
-    var = self.variable("batch_stats", "var", jnp.ones, feature_shape, state_dtype)
+    state_type = BatchNormState if self.renorm is None else RenormState
+    stats = {
+        name: self.variable("batch_stats", name, _INITIAL[name], feature_shape, state_dtype)
+        for name in state_type._fields
+        if name != "count"
+    }
+    # The update count: the step of "debiased_ema", "cumulative" and renorm's schedules.
+    if self.averaging != "ema" or self.renorm is not None:
+      stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    values = {name: stat.value for name, stat in stats.items()}
+    state = state_type(**{"count": jnp.zeros((), jnp.int32)} | values)
     scale = (
         self.param("scale", self.scale_init, feature_shape, self.param_dtype)
         if self.use_scale
@@ -92,7 +192,7 @@ class BatchNorm(nn.BatchNorm):
     dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
     y, new_state = _core.batch_norm(
         jnp.asarray(x, jnp.promote_types(jnp.result_type(x), dtype)),
-        BatchNormState(mean.value, var.value, jnp.zeros((), jnp.int32)),
+        state,
         scale,
         bias,
         training=training,
@@ -102,9 +202,11 @@ class BatchNorm(nn.BatchNorm):
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
+        **variants,
     )
-    if training and not initializing:
-      mean.value, var.value = new_state.mean, new_state.var
+    if updates_stats and not initializing:
+      for name, stat in stats.items():
+        stat.value = getattr(new_state, name)
     return y.astype(dtype)
 
 
