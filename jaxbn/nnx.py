@@ -11,7 +11,8 @@ statistics of a single value per feature are handed to Flax's implementation
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import _core, _validation
+from jaxbn import _activation, _core, _validation
+from jaxbn._renorm import Renorm, RenormState, init_renorm_state
 from jaxbn._state import BatchNormState
 
 
@@ -23,13 +24,35 @@ class BatchNorm(nnx.BatchNorm):
   the old running value), ``epsilon``, ``dtype``, ``param_dtype``,
   ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
   ``axis_index_groups``, ``use_fast_variance`` (accepted; the statistics are
-  always the stable one-pass ones), ``promote_dtype`` and ``rngs``.
-  ``model.train()`` and ``model.eval()`` switch ``use_running_average``.
+  always the stable one-pass ones), ``promote_dtype``, ``rngs``,
+  ``bias_metadata`` and ``scale_metadata``. ``model.train()`` and
+  ``model.eval()`` switch ``use_running_average``.
 
   With several feature axes, ``num_features`` is their total size, as in
   Flax. ``promote_dtype`` sets the dtype of the input, scale and bias (and so
   of the output); the statistics are reduced in at least float32 and the
   running statistics stay float32.
+
+  Then come the keyword arguments of the variants of ``jaxbn.batch_norm`` (its
+  docstring has the math), whose defaults keep Flax's behaviour and state:
+
+  - ``averaging``: ``"ema"`` (default), ``"debiased_ema"`` or ``"cumulative"``
+    running statistics; the last two keep the update count in the
+    ``nnx.BatchStat`` ``count`` (int32 scalar).
+  - ``unbiased_var``: store the unbiased batch variance, as PyTorch does.
+  - ``skip_nonfinite``: leave the statistics unchanged after a batch whose
+    statistics are not all finite.
+  - ``activation``: None, ``"relu"`` or ``"leaky_relu"``, fused with the
+    normalization, applied after the call's ``residual``.
+  - ``negative_slope``: the slope of ``"leaky_relu"`` for negative inputs.
+  - ``inplace``: the In-Place ABN backward pass, which keeps the output
+    instead of the input.
+  - ``renorm``: None, or a ``jaxbn.Renorm`` for Batch Renormalization; adds the
+    ``nnx.BatchStat`` attributes ``count``, ``std``, ``renorm_mean`` and
+    ``renorm_std`` (Keras's ``moving_stddev``, ``renorm_mean``,
+    ``renorm_stddev``).
+  - ``virtual_batch_size``: None, or the size of the ghost batches along axis
+    0 normalized separately.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn.nnx
@@ -38,38 +61,121 @@ class BatchNorm(nnx.BatchNorm):
     >>> y = bn(jnp.arange(12.0).reshape(4, 3))
     >>> bn.mean[...]
     Array([0.45000002, 0.55      , 0.65000004], dtype=float32)
+
+    A fused ``relu(bn(x) + shortcut)``, and frozen batch norm:
+
+    >>> bn = jaxbn.nnx.BatchNorm(3, activation="relu", rngs=nnx.Rngs(0))
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y = bn(x, residual=x)
+    >>> y_frozen = bn(x, use_batch_stats=False, update_stats=False)
   """
 
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      averaging: _core.Averaging = "ema",
+      unbiased_var: bool = False,
+      skip_nonfinite: bool = False,
+      activation: _activation.Activation = None,
+      negative_slope: float = 0.01,
+      inplace: bool = False,
+      renorm: Renorm | None = None,
+      virtual_batch_size: int | None = None,
+      **kwargs,
+  ):
+    super().__init__(num_features, **kwargs)
+    self.averaging = averaging
+    self.unbiased_var = unbiased_var
+    self.skip_nonfinite = skip_nonfinite
+    self.activation = activation
+    self.negative_slope = negative_slope
+    self.inplace = inplace
+    self.renorm = renorm
+    self.virtual_batch_size = virtual_batch_size
+    # Extra statistics only where a variant needs them, so that by default the
+    # state is Flax's.
+    if averaging != "ema" or renorm is not None:
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    if renorm is not None:
+      initial = init_renorm_state(num_features)
+      self.std = nnx.BatchStat(initial.std)
+      self.renorm_mean = nnx.BatchStat(initial.renorm_mean)
+      self.renorm_std = nnx.BatchStat(initial.renorm_std)
+
+  def __call__(
+      self,
+      x,
+      use_running_average: bool | None = None,
+      *,
+      mask=None,
+      residual=None,
+      use_batch_stats: bool | None = None,
+      update_stats: bool | None = None,
+  ):
     """Normalizes ``x`` with batch statistics (training) or running ones.
 
     Args:
       x: the input, e.g. ``(N, H, W, C)``.
       use_running_average: overrides the attribute of the same name: True
         normalizes with the stored statistics, False with the batch's and
-        updates them.
+        updates them. Not needed when both switches below are given.
       mask: optional boolean array broadcastable to ``x``; entries where it is
         False do not count towards the batch statistics.
+      residual: optional array of the shape of ``x`` added to the normalized
+        input before the ``activation`` (a ResNet shortcut).
+      use_batch_stats: overrides ``not use_running_average`` for the
+        statistics that normalize ``x`` (False with ``update_stats=False`` is
+        frozen batch norm).
+      update_stats: overrides ``not use_running_average`` for the update of
+        the running statistics (True with ``use_batch_stats=False`` is
+        calibration).
 
     Returns:
       The normalized input, of the shape of ``x``.
 
     Raises:
       ValueError: if ``use_running_average`` is None both here and on the
-        module.
+        module and a switch is not given.
+      ValueError, TypeError: as ``jaxbn.batch_norm``, for the arguments of the
+        same names.
     """
     if use_running_average is None:
       use_running_average = self.use_running_average
-    if use_running_average is None:
+    if use_batch_stats is not None and update_stats is not None:
+      training = False  # Both switches given: `use_running_average` decides nothing.
+    elif use_running_average is None:
       raise ValueError(
           "No `use_running_average` was given to BatchNorm: pass it to the "
           "constructor, to the call, or set it with `model.train()` / "
           "`model.eval()` (or `nnx.view(model, use_running_average=...)`)."
       )
-    training = not use_running_average
+    else:
+      training = not use_running_average
+    uses_batch_stats, updates_stats = _core._resolve_switches(
+        training, use_batch_stats, update_stats
+    )
+    variants = dict(
+        use_batch_stats=use_batch_stats,
+        update_stats=update_stats,
+        averaging=self.averaging,
+        unbiased_var=self.unbiased_var,
+        skip_nonfinite=self.skip_nonfinite,
+        activation=self.activation,
+        negative_slope=self.negative_slope,
+        residual=residual,
+        inplace=self.inplace,
+        renorm=self.renorm,
+        virtual_batch_size=self.virtual_batch_size,
+    )
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
     if _validation.flax_fallback(
-        x, feature_axes, training=training, mask=mask, axis_name=self.axis_name
+        x,
+        feature_axes,
+        training=uses_batch_stats or updates_stats,
+        mask=mask,
+        axis_name=self.axis_name,
+        variants=variants,
     ):
       return super().__call__(x, use_running_average, mask=mask)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
@@ -80,14 +186,21 @@ class BatchNorm(nnx.BatchNorm):
     )
     # The variables hold `num_features` values; there may be several feature axes.
     scale, bias = (None if v is None else v.reshape(feature_shape) for v in (scale, bias))
-    state = BatchNormState(
-        self.mean[...].reshape(feature_shape),
-        self.var[...].reshape(feature_shape),
-        jnp.zeros((), jnp.int32),
-    )
+    state_type = BatchNormState if self.renorm is None else RenormState
+    # The update count: the step of "debiased_ema", "cumulative" and renorm's schedules.
+    keeps_count = self.averaging != "ema" or self.renorm is not None
+    stats = {
+        name: getattr(self, name)
+        for name in state_type._fields
+        if name != "count" or keeps_count
+    }
+    values = {
+        name: stat[...] if name == "count" else stat[...].reshape(feature_shape)
+        for name, stat in stats.items()
+    }
     y, new_state = _core.batch_norm(
         x,
-        state,
+        state_type(**{"count": jnp.zeros((), jnp.int32)} | values),
         scale,
         bias,
         training=training,
@@ -97,10 +210,11 @@ class BatchNorm(nnx.BatchNorm):
         mask=mask,
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
+        **variants,
     )
-    if training:
-      self.mean[...] = new_state.mean.reshape(self.mean.shape)
-      self.var[...] = new_state.var.reshape(self.var.shape)
+    if updates_stats:
+      for name, stat in stats.items():
+        stat[...] = getattr(new_state, name).reshape(stat.shape)
     return y
 
 
