@@ -5,12 +5,16 @@ Same attributes, same call signature, same variables (``params/scale``,
 and dtypes), so checkpoints made with Flax's module load unchanged. The math is
 ``jaxbn.batch_norm``: stable one-pass statistics whatever ``use_fast_variance``
 says, count-weighted statistics across devices, and a backward pass that saves
-only the input.
+only the input. Further attributes and call arguments, off by default, give the
+variants of ``jaxbn.batch_norm`` (frozen batch norm, other running averages, a
+fused activation and residual, In-Place ABN, Batch Renormalization, ghost
+batches).
 
 Two inputs that ``jaxbn.batch_norm`` refuses are handed to Flax's own
 implementation so that existing models keep running: complex inputs, and
 batch statistics of a single value per feature (then the variance is 0 and
-the output is the bias alone; a ``UserWarning`` says so).
+the output is the bias alone; a ``UserWarning`` says so). Flax's
+implementation has no variants: such an input with one raises a ``ValueError``.
 """
 
 import flax.linen as nn

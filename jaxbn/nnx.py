@@ -3,9 +3,11 @@
 Same constructor, attributes (``mean``, ``var``, ``scale``, ``bias``,
 ``use_running_average``, ...), ``train()``/``eval()``/``nnx.view`` behaviour and
 state, so existing models and checkpoints work unchanged. The math is
-``jaxbn.batch_norm``. As in ``jaxbn.linen``, complex inputs and batch
+``jaxbn.batch_norm``, whose variants come as further keyword arguments and
+call arguments, off by default. As in ``jaxbn.linen``, complex inputs and batch
 statistics of a single value per feature are handed to Flax's implementation
-(the latter with a ``UserWarning``).
+(the latter with a ``UserWarning``), or raise a ``ValueError`` when a variant
+is asked for.
 """
 
 import jax.numpy as jnp
