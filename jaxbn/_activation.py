@@ -28,7 +28,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxbn import _fused
 
@@ -80,7 +79,7 @@ def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
   return apply(y, activation, negative_slope)
 
 
-@partial(jax.checkpoint, static_argnums=(0,))
+@_fused.recomputed(static_argnums=(0,))
 def tangent_from_output(s: float, z: jax.Array, t: jax.Array) -> jax.Array:
   """``act'(z) * t``, recomputed from ``z`` rather than saved as a mask."""
   return jnp.where(z > 0, t, s * t)
@@ -107,13 +106,7 @@ def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
   terms = [dx * a, _fused._centered_product(stored, shift, da), db]
   if residual is not None:
     terms.append(dresidual)
-  if stored.dtype != dx.dtype:
-    # As in `_fused.shifted_affine`: converted per term, each backward pass reads
-    # the half-precision cotangent rather than a float32 copy of it.
-    terms = lax.optimization_barrier(
-        tuple(jnp.broadcast_to(t, dx.shape).astype(stored.dtype) for t in terms)
-    )
-  du = sum(terms[1:], terms[0])
+  du = _fused.tangent_sum(terms, stored.dtype)
   if activation is None:
     return z, du
   return z, tangent_from_output(slope(activation, negative_slope), z, du)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _activation, _stats
+from jaxbn import _activation, _fused, _stats
 
 
 def check(activation, negative_slope, implementation) -> None:
@@ -75,7 +75,7 @@ def _recover(s, z, residual, a, b):
   return (u - b) / a
 
 
-@partial(jax.checkpoint, static_argnums=(0,))
+@_fused.recomputed(static_argnums=(0,))
 def _recovered_product(s, z, residual, a, b, t):
   """``(x - K) * t`` with ``x - K`` recovered from ``z``; recomputed, never saved."""
   return _recover(s, z, residual, a, b) * t

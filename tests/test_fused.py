@@ -4,6 +4,10 @@ What it keeps for the backward pass, the scratch memory of its compiled
 forward and backward passes, and its half-precision path, which reads the
 caller's array as stored. ``test_gradients.py`` holds the float64
 ``check_grads``, forward mode and the float32 agreement with the reference.
+
+The rules take one shape for XLA:CPU and another for accelerators (see
+``jaxbn._fused``); the ``passes`` fixture runs a test under both, whatever
+the backend.
 """
 
 import functools
@@ -15,8 +19,18 @@ import pytest
 
 import jaxbn
 from benchmarks.shapes import RESNET_MID, TINY
+from jaxbn import _fused
 
 f32, bf16 = jnp.float32, jnp.bfloat16
+
+
+@pytest.fixture(params=["xla-cpu", "accelerator"])
+def passes(request, monkeypatch):
+  """Shapes the fused rules for XLA:CPU or for an accelerator, as the test asks."""
+  monkeypatch.setattr(_fused, "for_xla_cpu", lambda: request.param == "xla-cpu")
+  jax.clear_caches()  # traces of the rules made for the other shape
+  yield request.param
+  jax.clear_caches()
 
 
 def _inputs(shape, axis, dtype, masked=False, seed=0):
@@ -49,7 +63,7 @@ def _output(implementation, axis, mask, x, scale, bias):
         pytest.param((4, 5, 6, 3), -1, True, id="nhwc-masked"),
     ],
 )
-def test_fused_keeps_only_x_and_per_feature_values(shape, axis, masked):
+def test_fused_keeps_only_x_and_per_feature_values(passes, shape, axis, masked):
   x, scale, bias, mask = _inputs(shape, axis, f32, masked)
   fn = functools.partial(_output, "fused", axis, mask)
   vjp_fn = jax.eval_shape(lambda *p: jax.vjp(fn, *p)[1], x, scale, bias)
@@ -80,7 +94,7 @@ def test_compiled_step_needs_no_x_sized_scratch(dtype):
     assert compiled.memory_analysis().temp_size_in_bytes < limit, fn
 
 
-def test_half_precision_residual_is_the_callers_array():
+def test_half_precision_residual_is_the_callers_array(passes):
   x, scale, bias, _ = _inputs((4, 6, 5), -1, bf16)
   vjp_fn = jax.eval_shape(
       lambda *p: jax.vjp(functools.partial(_output, "fused", -1, None), *p)[1], x, scale, bias
@@ -90,7 +104,7 @@ def test_half_precision_residual_is_the_callers_array():
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-def test_half_precision_matches_reference(masked):
+def test_half_precision_matches_reference(passes, masked):
   # The fused path reads bfloat16 as stored and sums cotangents in float32; the
   # reference casts x first. Outputs, gradients and forward-mode tangents agree
   # to a few bfloat16 roundings of the largest entry.
@@ -140,3 +154,43 @@ def test_fused_gradients_equal_reference_with_axis_name():
   ]
   for fused, reference in zip(*grads, strict=True):
     np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"activation": "relu", "residual": True}, {"activation": "leaky_relu", "inplace": True}],
+    ids=["plain", "relu-residual", "inplace"],
+)
+def test_accelerator_passes_compute_what_the_cpu_passes_compute(variant, dtype, monkeypatch):
+  x, scale, bias, _ = _inputs((6, 4, 5), -1, dtype, seed=3)
+  rng = np.random.default_rng(4)
+  dy = jnp.asarray(rng.standard_normal(x.shape), dtype)
+  residual = jnp.asarray(rng.standard_normal(x.shape), dtype) if variant.get("residual") else None
+  kwargs = {**variant, "residual": residual}
+  tangents = (jnp.asarray(rng.standard_normal(x.shape), dtype), 0.1 * scale, 0.1 * bias)
+
+  def step(x, scale, bias):
+    return jaxbn.batch_norm(x, jaxbn.init_state(5), scale, bias, training=True, **kwargs)[0]
+
+  def derivatives(x, scale, bias):
+    y, vjp = jax.vjp(step, x, scale, bias)
+    return y, vjp(dy), jax.jvp(step, (x, scale, bias), tangents)[1]
+
+  out, kept_apart = {}, {}
+  for shape in ("xla-cpu", "accelerator"):
+    monkeypatch.setattr(_fused, "for_xla_cpu", lambda shape=shape: shape == "xla-cpu")
+    jax.clear_caches()  # traces of the rules made for the other shape
+    fn = derivatives
+    jaxpr = str(jax.make_jaxpr(fn)(x, scale, bias))
+    kept_apart[shape] = "optimization_barrier" in jaxpr or "prevent_cse=True" in jaxpr
+    out[shape] = jax.jit(fn)(x, scale, bias)
+  jax.clear_caches()
+  assert kept_apart == {"xla-cpu": True, "accelerator": False}
+  tolerance = 1e-5 if dtype == f32 else 2 * 2**-8
+  for cpu, accelerator in zip(
+      jax.tree.leaves(out["xla-cpu"]), jax.tree.leaves(out["accelerator"]), strict=True
+  ):
+    assert cpu.dtype == accelerator.dtype
+    cpu, accelerator = np.asarray(cpu, np.float32), np.asarray(accelerator, np.float32)
+    np.testing.assert_allclose(accelerator, cpu, atol=tolerance * np.abs(cpu).max())
