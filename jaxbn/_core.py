@@ -242,10 +242,12 @@ def _update_running_stats(
   if averaging == "ema":
     keep = momentum
   elif averaging == "debiased_ema":
+    # keep = 1 - (1 - m) / (1 - m^t) = m (1 - m^(t-1)) / (1 - m^t): exactly 0 at t = 1.
     momentum = jnp.asarray(momentum, dtype)
-    debias = 1 - momentum ** t.astype(dtype)
+    powered = momentum ** (t - 1).astype(dtype)
+    debias = 1 - powered * momentum
     safe = jnp.where(debias > 0, debias, 1)
-    keep = jnp.where(debias > 0, 1 - (1 - momentum) / safe, 1 - 1 / t.astype(dtype))
+    keep = jnp.where(debias > 0, momentum * (1 - powered) / safe, 1 - 1 / t.astype(dtype))
   else:
     keep = 1 - 1 / t.astype(dtype)
   new_state = state._replace(
