@@ -103,10 +103,10 @@ def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
   x, stored, shift, a, b, residual = primals
   dx, _, _, da, db, dresidual = tangents  # `stored` gives values; `shift` has no gradient.
   z = shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual)
-  terms = [dx * a, _fused._centered_product(stored, shift, da), db]
+  du = _fused.tangent_sum((dx * a, _fused._centered_product(stored, shift, da), db), stored.dtype)
   if residual is not None:
-    terms.append(dresidual)
-  du = _fused.tangent_sum(terms, stored.dtype)
+    # Added apart: a residual that is not differentiated has a constant tangent.
+    du = du + dresidual.astype(du.dtype)
   if activation is None:
     return z, du
   return z, tangent_from_output(slope(activation, negative_slope), z, du)
