@@ -21,10 +21,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from jaxbn import _activation, _core, _validation
+from jaxbn import _activation, _core, _modules, _validation
 from jaxbn._precise import recompute_stats as recompute_stats
-from jaxbn._renorm import Renorm, RenormState
-from jaxbn._state import BatchNormState
+from jaxbn._renorm import Renorm
 
 # Initial values of the statistics, as in `init_state` and `init_renorm_state`.
 _INITIAL = {
@@ -147,19 +146,7 @@ class BatchNorm(nn.BatchNorm):
     )
     initializing = self.is_initializing()
     axis_name = None if initializing else self.axis_name
-    variants = dict(
-        use_batch_stats=use_batch_stats,
-        update_stats=update_stats,
-        averaging=self.averaging,
-        unbiased_var=self.unbiased_var,
-        skip_nonfinite=self.skip_nonfinite,
-        activation=self.activation,
-        negative_slope=self.negative_slope,
-        residual=residual,
-        inplace=self.inplace,
-        renorm=self.renorm,
-        virtual_batch_size=self.virtual_batch_size,
-    )
+    variants = _modules.variants(self, residual, use_batch_stats, update_stats)
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
     if _validation.flax_fallback(
         x,
@@ -172,14 +159,13 @@ class BatchNorm(nn.BatchNorm):
       return super().__call__(x, use_running_average, mask=mask)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    state_type = BatchNormState if self.renorm is None else RenormState
+    state_type = _modules.state_type(self)
     stats = {
         name: self.variable("batch_stats", name, _INITIAL[name], feature_shape, state_dtype)
         for name in state_type._fields
         if name != "count"
     }
-    # The update count: the step of "debiased_ema", "cumulative" and renorm's schedules.
-    if self.averaging != "ema" or self.renorm is not None:
+    if _modules.keeps_count(self):
       stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
     values = {name: stat.value for name, stat in stats.items()}
     state = state_type(**{"count": jnp.zeros((), jnp.int32)} | values)

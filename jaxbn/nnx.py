@@ -13,9 +13,8 @@ is asked for.
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import _activation, _core, _validation
-from jaxbn._renorm import Renorm, RenormState, init_renorm_state
-from jaxbn._state import BatchNormState
+from jaxbn import _activation, _core, _modules, _validation
+from jaxbn._renorm import Renorm, init_renorm_state
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -97,7 +96,7 @@ class BatchNorm(nnx.BatchNorm):
     self.virtual_batch_size = virtual_batch_size
     # Extra statistics only where a variant needs them, so that by default the
     # state is Flax's.
-    if averaging != "ema" or renorm is not None:
+    if _modules.keeps_count(self):
       self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
     if renorm is not None:
       initial = init_renorm_state(num_features)
@@ -157,19 +156,7 @@ class BatchNorm(nnx.BatchNorm):
     uses_batch_stats, updates_stats = _core._resolve_switches(
         training, use_batch_stats, update_stats
     )
-    variants = dict(
-        use_batch_stats=use_batch_stats,
-        update_stats=update_stats,
-        averaging=self.averaging,
-        unbiased_var=self.unbiased_var,
-        skip_nonfinite=self.skip_nonfinite,
-        activation=self.activation,
-        negative_slope=self.negative_slope,
-        residual=residual,
-        inplace=self.inplace,
-        renorm=self.renorm,
-        virtual_batch_size=self.virtual_batch_size,
-    )
+    variants = _modules.variants(self, residual, use_batch_stats, update_stats)
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
     if _validation.flax_fallback(
         x,
@@ -188,9 +175,8 @@ class BatchNorm(nnx.BatchNorm):
     )
     # The variables hold `num_features` values; there may be several feature axes.
     scale, bias = (None if v is None else v.reshape(feature_shape) for v in (scale, bias))
-    state_type = BatchNormState if self.renorm is None else RenormState
-    # The update count: the step of "debiased_ema", "cumulative" and renorm's schedules.
-    keeps_count = self.averaging != "ema" or self.renorm is not None
+    state_type = _modules.state_type(self)
+    keeps_count = _modules.keeps_count(self)
     stats = {
         name: getattr(self, name)
         for name in state_type._fields
