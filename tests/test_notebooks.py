@@ -136,11 +136,28 @@ def _results_documents(directory: Path) -> list[Path]:
   return paths
 
 
-def _write_fixture(directory: Path) -> None:
-  """A small document in the results schema, for when no benchmark results are committed."""
+def _newest_per_device(directory: Path) -> dict[str, dict]:
+  """The newest document of each device, with its file name under ``"file"``.
+
+  Newest: the latest date, then a full run over a quick one, then the last file name.
+  """
+  newest = {}
+  for path in _results_documents(directory):
+    doc = json.loads(path.read_text()) | {"file": path.name}
+    key = (doc["date"], not doc["quick"], doc["file"])
+    other = newest.get(doc["device"])
+    if other is None or key > (other["date"], not other["quick"], other["file"]):
+      newest[doc["device"]] = doc
+  return newest
+
+
+def _write_fixture(
+    directory: Path, device: str, date: str, quick: bool, jaxbn_slowdown: float = 1.5
+) -> None:
+  """A small document in the results schema; ``jaxbn_slowdown`` tells documents apart."""
   shapes = {"64x14x14x256": [64, 14, 14, 256], "4096x1024": [4096, 1024], "8x16": [8, 16]}
   passes = {"forward": 3, "forward+backward": 8, "inference": 2}
-  slowdown = {"ideal": 1.0, "jaxbn": 1.5, "flax-linen": 3.0, "torch-nchw": 2.0}
+  slowdown = {"ideal": 1.0, "jaxbn": jaxbn_slowdown, "flax-linen": 3.0, "torch-nchw": 2.0}
   rows = []
   for key, shape in shapes.items():
     for mode, n_passes in passes.items():
@@ -155,30 +172,48 @@ def _write_fixture(directory: Path) -> None:
             "x_flax": ms / (ideal_ms * slowdown["flax-linen"] * (1.1 if key == "8x16" else 1.0)),
             "x_torch": None, "residual_bytes": None, "peak_bytes": None,
         })
-  doc = {"device": "cpu", "device_kind": "cpu", "date": "2000-01-01", "jax_version": "0",
-         "flax_version": "0", "torch_version": None, "cores": 2, "quick": True,
+  doc = {"device": device, "device_kind": device, "date": date, "jax_version": "0",
+         "flax_version": "0", "torch_version": None, "cores": 2, "quick": quick,
          "copy_gbps": {f"{k}/float32": 10.0 for k in shapes}, "results": rows}
-  (directory / "cpu-2000-01-01-quick.json").write_text(json.dumps(doc))
+  name = f"{device}-{date}" + ("-quick" if quick else "")
+  (directory / f"{name}.json").write_text(json.dumps(doc))
 
 
-def test_benchmarks_notebook_reads_the_newest_results(tmp_path):
+def _write_fixtures(directory: Path) -> None:
+  """Documents of two devices; the newest of each is the one whose jaxbn is 1.5x the ideal."""
+  _write_fixture(directory, "gpu", "2000-01-01", quick=False)
+  _write_fixture(directory, "gpu", "2000-01-01", quick=True, jaxbn_slowdown=2.5)  # quick loses
+  _write_fixture(directory, "cpu", "1999-12-31", quick=False, jaxbn_slowdown=2.5)  # older
+  _write_fixture(directory, "cpu", "2000-01-01", quick=True)  # newer than the full run
+  # Another schema (the distributed benchmark's): skipped.
+  (directory / "distributed-cpu-2000-01-02.json").write_text(
+      json.dumps({"device": "cpu", "date": "2000-01-02", "results": [{"devices": 8}]}))
+
+
+@pytest.mark.parametrize("results", ["committed", "fixtures"])
+def test_benchmarks_notebook_reads_the_newest_results(results, tmp_path):
   directory = ROOT / "benchmarks" / "results"
-  if not _results_documents(directory):  # until results are committed, read a fixture
+  if results == "fixtures" or not _results_documents(directory):  # none committed: fixtures
     directory = tmp_path
-    _write_fixture(directory)
-  s = run_notebook("04_benchmarks", JAXBN_BENCHMARK_RESULTS=str(directory))
-  newest = max(
-      (json.loads(p.read_text()) | {"file": p.name} for p in _results_documents(directory)),
-      key=lambda d: (d["date"], not d["quick"], d["file"]),
-  )
-  assert s["source"] == newest["file"]
-  rows = newest["results"]
-  assert s["rows"] == len(rows)
-  assert set(s["contenders"]) == {r["contender"] for r in rows}
-  assert set(s["shapes"]) == {"x".join(map(str, r["shape"])) for r in rows}
-  for mode in {r["mode"] for r in rows}:
-    for dtype in {r["dtype"] for r in rows}:
-      mine = [r for r in rows if (r["contender"], r["mode"], r["dtype"]) == ("jaxbn", mode, dtype)]
-      x_ideal = [r["x_ideal"] for r in mine]
-      expected = math.exp(sum(map(math.log, x_ideal)) / len(x_ideal))
-      assert s[f"jaxbn_x_ideal_geomean/{mode}/{dtype}"] == pytest.approx(expected, rel=1e-9)
+    _write_fixtures(directory)
+  s = run_notebook("04_benchmarks", JAXBN_BENCHMARK_RESULTS=str(directory))["devices"]
+  newest = _newest_per_device(directory)
+  assert list(s) == sorted(newest, key=lambda device: (device != "cpu", device))
+  for device, doc in newest.items():
+    entry, rows = s[device], doc["results"]
+    assert entry["source"] == doc["file"], device
+    assert entry["rows"] == len(rows), device
+    assert set(entry["contenders"]) == {r["contender"] for r in rows}, device
+    assert set(entry["shapes"]) == {"x".join(map(str, r["shape"])) for r in rows}, device
+    for mode in {r["mode"] for r in rows}:
+      for dtype in {r["dtype"] for r in rows}:
+        case = ("jaxbn", mode, dtype)
+        mine = [r for r in rows if (r["contender"], r["mode"], r["dtype"]) == case]
+        for field in ("x_flax", "x_torch", "x_ideal"):
+          key = f"jaxbn_{field}_geomean/{mode}/{dtype}"
+          values = [r[field] for r in mine if r[field] is not None]
+          if not values:
+            assert key not in entry, (device, key)
+            continue
+          expected = math.exp(sum(map(math.log, values)) / len(values))
+          assert entry[key] == pytest.approx(expected, rel=1e-9), (device, key)
