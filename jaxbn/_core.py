@@ -262,6 +262,29 @@ def _update_running_stats(
   )
 
 
+def _with_running_stats_where_empty(moments, mean, var):
+  """``moments`` with the running ``mean`` and ``var`` for the features without a valid entry.
+
+  With a mask (or devices without data) a feature may have no valid entry in
+  the batch, and no batch statistics; it is normalized with the running ones,
+  which it then leaves as they are (see ``_keep_unseen``). ``count`` stays 0.
+  """
+  empty = moments.count == 0
+  return moments._replace(
+      delta=jnp.where(empty, mean - moments.shift, moments.delta),
+      m2=jnp.where(empty, var, moments.m2),
+  )
+
+
+def _keep_unseen(new_state, state, seen):
+  """``new_state`` for the features ``seen`` in the batch, ``state`` for the others."""
+  return new_state._replace(**{
+      name: jnp.where(seen, getattr(new_state, name), getattr(state, name))
+      for name in state._fields
+      if name != "count"
+  })
+
+
 def _skip_nonfinite(new_state, state, batch):
   """``new_state`` if ``batch.mean`` and ``batch.var`` are all finite, else ``state``."""
   finite = jnp.all(jnp.isfinite(batch.mean)) & jnp.all(jnp.isfinite(batch.var))
@@ -293,13 +316,15 @@ def _normalize_with_batch_stats(
     residual,
     inplace,
     correction,
+    complete,
 ):
   """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch.
 
   ``x`` is the caller's array; the fused path reads it as stored (see ``_fused``).
   ``scale`` and ``bias`` broadcast against ``x``. ``correction`` is ``None`` or
   ``moments -> (r, d)`` of batch renormalization, which turns ``scale`` into
-  ``r * scale`` and ``bias`` into ``d * scale + bias``.
+  ``r * scale`` and ``bias`` into ``d * scale + bias``. ``complete`` maps the
+  batch's moments to those that normalize (see ``_with_running_stats_where_empty``).
   """
   stored, x = x, x.astype(_stats.compute_dtype(x.dtype))
 
@@ -312,11 +337,11 @@ def _normalize_with_batch_stats(
     )
 
   if inplace:
-    return _inplace.normalize_with_batch_stats(
+    z, moments = _inplace.normalize_with_batch_stats(
         x,
         stored,
         feature_axes,
-        lambda moments: _coefficients(moments, *affine(moments), epsilon),
+        lambda moments: _coefficients(complete(moments), *affine(complete(moments)), epsilon),
         mask,
         axis_name,
         axis_index_groups,
@@ -324,13 +349,16 @@ def _normalize_with_batch_stats(
         negative_slope,
         residual,
     )
-  moments = _stats.global_moments(
-      stored if implementation == "fused" else x,
-      feature_axes,
-      mask,
-      axis_name,
-      axis_index_groups,
-      implementation=implementation,
+    return z, complete(moments)
+  moments = complete(
+      _stats.global_moments(
+          stored if implementation == "fused" else x,
+          feature_axes,
+          mask,
+          axis_name,
+          axis_index_groups,
+          implementation=implementation,
+      )
   )
   scale, bias = affine(moments)
   if implementation == "reference":
@@ -495,7 +523,9 @@ def batch_norm(
     epsilon: added to the variance before the square root, >= 0.
     mask: optional boolean array broadcastable to ``x``; in training, entries
       where it is False do not count towards the statistics (all entries are
-      still normalized).
+      still normalized). A feature without any valid entry in the batch (all
+      devices together) has no batch statistics: it is normalized with the
+      running ones, which it leaves unchanged.
     axis_name: optional mapped axis name (or tuple of names) over which the
       batch is split; the statistics are then those of the whole batch.
     axis_index_groups: optional groups of indices along ``axis_name`` that
@@ -624,6 +654,11 @@ def batch_norm(
       mean, var = jnp.mean(mean, 0, keepdims=True), jnp.mean(var, 0, keepdims=True)
     return mean, var
 
+  def complete(moments):
+    if mask is None and axis_name is None:  # every feature has entries
+      return moments
+    return _with_running_stats_where_empty(moments, expand(state.mean), expand(state.var))
+
   entries_per_feature = stats_x.size // max(1, jnp.size(state.mean) * (groups or 1))
   if axis_name is None and mask is None and entries_per_feature <= 1:
     raise ValueError(
@@ -650,27 +685,35 @@ def batch_norm(
         stats_residual,
         inplace,
         correction,
+        complete,
     )
     y = y.reshape(x.shape)
   else:
     y = normalize_with_running_stats()
-    moments = _stats.global_moments(
-        lax.stop_gradient(compute_x.reshape(stats_x.shape)),
-        stats_axes,
-        stats_mask,
-        axis_name,
-        axis_index_groups,
-        implementation=implementation,
+    moments = complete(
+        _stats.global_moments(
+            lax.stop_gradient(compute_x.reshape(stats_x.shape)),
+            stats_axes,
+            stats_mask,
+            axis_name,
+            axis_index_groups,
+            implementation=implementation,
+        )
     )
+  new_state = state
   if update_stats and renorm is not None:
     mean, var = pooled(moments)
     new_state = _renorm.update(renorm, state, mean, var, momentum, epsilon)
     if skip_nonfinite:
       new_state = _skip_nonfinite(new_state, state, BatchNormState(mean, var, None))
-    state = new_state
   elif update_stats:
     mean, var = pooled(moments, unbiased_var)
-    state = _update_running_stats(
+    new_state = _update_running_stats(
         state, mean, var, momentum, averaging, False, None, skip_nonfinite
     )
-  return y.astype(x.dtype), state
+  if update_stats and (mask is not None or axis_name is not None):
+    seen = moments.count > 0
+    if groups is not None:
+      seen = jnp.any(seen, 0)
+    new_state = _keep_unseen(new_state, state, seen.reshape(jnp.shape(state.mean)))
+  return y.astype(x.dtype), new_state

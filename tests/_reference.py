@@ -80,14 +80,22 @@ def batch_norm(
   epsilon=1e-5,
   mask=None,
 ):
-  """Returns (y, (new_mean, new_var, new_count)) in float64."""
+  """Returns (y, (new_mean, new_var, new_count)) in float64.
+
+  A feature without a valid entry (masked out entirely) is normalized with the
+  running statistics, which it leaves unchanged.
+  """
   if not training:
     return normalize(x, mean, var, scale, bias, axis, epsilon), (mean, var, count)
+  mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
   bm, bv = batch_stats(x, axis, mask)
+  w = np.ones(np.shape(x)) if mask is None else np.broadcast_to(np.asarray(mask), np.shape(x))
+  seen = w.sum(axis=reduction_axes(axis, np.ndim(x))) > 0
+  bm, bv = np.where(seen, bm, mean), np.where(seen, bv, var)
   y = normalize(x, bm, bv, scale, bias, axis, epsilon)
   new = (
-    momentum * np.asarray(mean, np.float64) + (1 - momentum) * bm,
-    momentum * np.asarray(var, np.float64) + (1 - momentum) * bv,
+    momentum * mean + (1 - momentum) * bm,
+    momentum * var + (1 - momentum) * bv,
     count + 1,
   )
   return y, new

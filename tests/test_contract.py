@@ -225,3 +225,59 @@ def test_untrained_state_in_inference_is_the_identity_up_to_epsilon():
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3)), f32)
   y, _ = jaxbn.batch_norm(x, jaxbn.init_state(3), training=False, epsilon=1e-5)
   ref.assert_close(y, _np(x) / np.sqrt(1 + 1e-5), ref.tolerance(f32))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"implementation": "reference"},
+        {"unbiased_var": True},
+        {"averaging": "cumulative"},
+        {"averaging": "debiased_ema"},
+        {"activation": "leaky_relu", "inplace": True},
+        {"virtual_batch_size": 3},
+        {"use_batch_stats": False},
+    ],
+    ids=lambda kwargs: "-".join(f"{k}={v}" for k, v in kwargs.items()) or "default",
+)
+def test_a_feature_without_valid_entries_keeps_its_running_statistics(kwargs):
+  # Feature 1 is masked out everywhere: it has no batch statistics, so it is
+  # normalized with the running ones and they stay as they are (no decay
+  # towards 0, no NaN), whatever the averaging.
+  x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (6, 3)), f32)
+  mask = jnp.array([True, False, True])
+  state = jaxbn.BatchNormState(jnp.array([1.0, 5.0, -2.0]), jnp.array([2.0, 4.0, 0.5]),
+                               jnp.asarray(3, jnp.int32))
+  scale, bias = jnp.array([1.5, 2.0, 0.5]), jnp.array([0.1, -0.3, 0.2])
+
+  @jax.jit
+  def step(x, state):
+    return jaxbn.batch_norm(x, state, scale, bias, training=True, mask=mask, momentum=0.9,
+                            **kwargs)
+
+  y, new = step(x, state)
+  assert np.isfinite(np.asarray(y)).all()
+  np.testing.assert_array_equal(new.mean[1], state.mean[1])
+  np.testing.assert_array_equal(new.var[1], state.var[1])
+  assert int(new.count) == 4
+  assert not np.allclose(new.mean[0], state.mean[0])  # the other features do move
+  expected = ref.normalize(x, state.mean, state.var, scale, bias)[:, 1]
+  if kwargs.get("activation") == "leaky_relu":
+    expected = np.where(expected > 0, expected, 0.01 * expected)
+  ref.assert_close(y[:, 1], expected, ref.tolerance(f32))
+
+
+def test_a_feature_masked_out_on_every_device_keeps_its_running_statistics():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 5, 2)), f32)
+  mask = jnp.broadcast_to(jnp.array([True, False]), x.shape)
+  state = jaxbn.BatchNormState(jnp.array([1.0, 5.0]), jnp.array([2.0, 4.0]),
+                               jnp.asarray(0, jnp.int32))
+
+  def step(x, mask):
+    return jaxbn.batch_norm(x, state, training=True, mask=mask, axis_name="devices")
+
+  y, new = jax.vmap(step, axis_name="devices", out_axes=(0, None))(x, mask)
+  np.testing.assert_array_equal(new.mean[1], 5.0)
+  np.testing.assert_array_equal(new.var[1], 4.0)
+  ref.assert_close(y[..., 1], (x[..., 1] - 5.0) / np.sqrt(4.0 + 1e-5), ref.tolerance(f32))
