@@ -85,9 +85,11 @@ def normalize(
     float32.
 
   Raises:
-    TypeError: if ``x`` or a statistic is not floating point.
-    ValueError: if ``axis`` is out of range or repeated, or a per-feature array
-      does not have the feature shape.
+    TypeError: if ``x`` or a statistic is not floating point, or ``mean`` or
+      ``var`` is None.
+    ValueError: if ``axis`` is out of range or repeated, a per-feature array
+      does not have the feature shape, or ``epsilon`` is negative or not a
+      scalar.
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
@@ -96,8 +98,8 @@ def normalize(
            [ 1.]], dtype=float32)
   """
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
-  _validation.check_per_feature(mean, feature_shape, "mean")
-  _validation.check_per_feature(var, feature_shape, "var")
+  _validation.check_per_feature(mean, feature_shape, "mean", required=True)
+  _validation.check_per_feature(var, feature_shape, "var", required=True)
   return _normalize(x, feature_axes, mean, var, scale, bias, epsilon).astype(x.dtype)
 
 
@@ -568,7 +570,7 @@ def batch_norm(
       not a ``BatchNormState``.
     ValueError: if ``axis`` is out of range or repeated; ``state``, ``scale``
       or ``bias`` do not have the feature shape; ``mask`` does not broadcast;
-      ``momentum`` or ``epsilon`` are out of range; ``averaging`` or
+      ``momentum`` or ``epsilon`` are out of range or not scalars; ``averaging`` or
       ``activation`` is unknown; ``negative_slope`` is negative; ``residual``
       does not have the shape of ``x``; ``inplace=True`` comes with ``"relu"``
       or the ``"reference"`` implementation; ``renorm`` has ``r_max < 1``,

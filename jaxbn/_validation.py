@@ -58,9 +58,16 @@ def check_input(x: Any, name: str = "x") -> None:
     raise ValueError(f"`{name}` must have at least one axis, got a scalar.")
 
 
-def check_per_feature(value: Any, feature_shape: tuple[int, ...], name: str) -> None:
-  """Checks that a per-feature array (scale, bias, mean, var) has the feature shape."""
+def check_per_feature(
+    value: Any, feature_shape: tuple[int, ...], name: str, required: bool = False
+) -> None:
+  """Checks that a per-feature array (scale, bias, mean, var) has the feature shape.
+
+  ``None`` passes unless ``required``.
+  """
   if value is None:
+    if required:
+      raise TypeError(f"`{name}` is required: an array of the feature shape {feature_shape}.")
     return
   shape = tuple(jnp.shape(value))
   if shape != feature_shape:
@@ -82,7 +89,7 @@ def check_state(state: Any, feature_shape: tuple[int, ...]) -> None:
         f"`jaxbn.init_state({feature_shape})`, got {type(state).__name__}."
     )
   for field in ("mean", "var"):
-    check_per_feature(getattr(state, field), feature_shape, f"state.{field}")
+    check_per_feature(getattr(state, field), feature_shape, f"state.{field}", required=True)
   if jnp.shape(state.count) != ():
     raise ValueError(
         f"`state.count` must be a scalar, got shape {jnp.shape(state.count)}."
@@ -112,7 +119,9 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
 
 
 def check_fraction(value: Any, name: str, low: float, high: float) -> None:
-  """Checks a Python number lies in [low, high]; traced values pass unchecked."""
+  """Checks a scalar lies in [low, high]; of a traced value only the shape is known."""
+  if jnp.ndim(value) != 0:
+    raise ValueError(f"`{name}` must be a scalar, got an array of shape {jnp.shape(value)}.")
   if isinstance(value, Real) and not low <= value <= high:
     raise ValueError(f"`{name}` must lie in [{low}, {high}], got {value}.")
 

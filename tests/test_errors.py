@@ -190,6 +190,19 @@ CASES = {
         _normalize(epsilon=-1.0), (X, ONES3, ONES3), ValueError,
         r"`epsilon` must lie in \[0\.0, inf\], got -1\.0",
     ),
+    "momentum-per-feature": (
+        lambda x, state, momentum: jaxbn.batch_norm(x, state, training=True, momentum=momentum),
+        (X, STATE, jnp.full(3, 0.9)), ValueError,
+        r"`momentum` must be a scalar, got an array of shape \(3,\)",
+    ),
+    "epsilon-per-feature-normalize": (
+        _normalize(epsilon=np.full(3, 1e-5)), (X, ONES3, ONES3), ValueError,
+        r"`epsilon` must be a scalar, got an array of shape \(3,\)",
+    ),
+    "normalize-without-mean": (
+        lambda x, var: jaxbn.normalize(x, None, var), (X, ONES3), TypeError,
+        r"`mean` is required: an array of the feature shape \(3,\)",
+    ),
     "training-array": (
         lambda x, state, training: jaxbn.batch_norm(x, state, training=training),
         (X, STATE, jnp.asarray(True)), TypeError,
