@@ -42,8 +42,11 @@ def init_state(
 
   Examples:
     >>> import jaxbn
-    >>> jaxbn.init_state(3)
-    BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
+    >>> state = jaxbn.init_state(3)
+    >>> state.mean, state.var
+    (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+    >>> state.count
+    Array(0, dtype=int32)
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
   if any(not isinstance(d, int) or d < 0 for d in shape):
