@@ -1,7 +1,7 @@
 """Runs the contenders interleaved and assembles the results document.
 
 For each (shape, dtype, mode) every contender is compiled first (compile time
-recorded apart), warmed up, then timed a few calls at a time in rotating
+recorded apart), warmed up, then timed a few calls at a time in a shuffled
 order, so that a slow spell of the machine hits all of them alike; the median
 over all timed calls is reported. JAX and PyTorch contenders take turns in
 blocks (see ``time_interleaved``).
@@ -22,6 +22,7 @@ dtype: below 1 is faster.
 import datetime
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -131,8 +132,11 @@ def time_interleaved(
   several per sample measure the device's time rather than the host's time
   to launch and wait for one call (tens of microseconds through Python).
 
-  Within a phase, the runs take turns in rotating order; each turn makes one
-  untimed call, then ``burst`` timed ones. A run thus meets the memory
+  Within a phase, the runs take turns in an order shuffled at each turn
+  (seeded, so runs repeat): in a fixed or rotating order each run would
+  always follow the same neighbour, and the one after the bandwidth probe
+  measured 5-15% slower than the same program elsewhere in the order. Each
+  turn makes one untimed call, then ``burst`` timed ones. A run thus meets the memory
   allocator in its own steady state, not in the state its neighbour left: a
   contender that frees large scratch buffers makes glibc return the pages to
   the system, and the next contender pays thousands of page faults per call
@@ -143,7 +147,7 @@ def time_interleaved(
   cores a JAX step timed right after a PyTorch call runs several times
   slower).
   """
-  samples = {}
+  samples, shuffle = {}, random.Random(0)
   for runs in phases:
     for name, run in runs.items():
       samples[name] = []
@@ -154,9 +158,8 @@ def time_interleaved(
     for runs in phases:
       time.sleep(_SETTLE_SECONDS)
       names = list(runs)
-      for turn in range(block * turns // blocks, (block + 1) * turns // blocks):
-        shift = turn % len(names)
-        for name in names[shift:] + names[:shift]:
+      for _ in range(block * turns // blocks, (block + 1) * turns // blocks):
+        for name in shuffle.sample(names, len(names)):
           _block(runs[name]())
           for _ in range(burst):
             start = time.perf_counter()

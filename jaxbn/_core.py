@@ -100,22 +100,35 @@ def normalize(
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_per_feature(mean, feature_shape, "mean", required=True)
   _validation.check_per_feature(var, feature_shape, "var", required=True)
-  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon).astype(x.dtype)
+  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon)
 
 
-def _normalize(x, feature_axes, mean, var, scale, bias, epsilon) -> jax.Array:
-  """``normalize`` without the checks, in the compute dtype."""
+def _normalize(
+    x, feature_axes, mean, var, scale, bias, epsilon, activation=None, negative_slope=0.0,
+    residual=None,
+) -> jax.Array:
+  """``act(normalize(x) + residual)`` without the checks, in the dtype of ``x``.
+
+  Written as ``(x - K) a + b`` with ``K`` the mean without its gradient and
+  ``b = bias - (mean - K) a`` (which is ``bias``, with the mean's gradient), so
+  that reverse mode keeps only ``x`` and per-feature values (see ``_fused``).
+  """
   dtype = _stats.compute_dtype(x.dtype)
   mean, var, scale, bias = (
       _broadcastable(v, x.ndim, feature_axes, dtype) for v in (mean, var, scale, bias)
   )
-  mul = lax.rsqrt(var + epsilon)
+  shift = lax.stop_gradient(mean)
+  a = lax.rsqrt(var + epsilon)
   if scale is not None:
-    mul = mul * scale
-  y = (x.astype(dtype) - mean) * mul
+    a = a * scale
+  b = -(mean - shift) * a
   if bias is not None:
-    y = y + bias
-  return y
+    b = b + bias
+  if activation is None and residual is None:
+    return _fused.shifted_affine(x.astype(dtype), x, shift, a, b)
+  return _activation.shifted_affine_act(
+      activation, negative_slope, x.astype(dtype), x, shift, a, b, residual
+  )
 
 
 Averaging = Literal["ema", "debiased_ema", "cumulative"]
@@ -627,8 +640,10 @@ def batch_norm(
     residual = jnp.asarray(residual)  # cast where it is read, so no copy is kept.
 
   def normalize_with_running_stats():
-    y = _normalize(x, feature_axes, state.mean, state.var, scale, bias, epsilon)
-    return _activation.add_and_apply(y, residual, activation, negative_slope).astype(x.dtype)
+    return _normalize(
+        x, feature_axes, state.mean, state.var, scale, bias, epsilon, activation,
+        negative_slope, residual,
+    )
 
   if not (use_batch_stats or update_stats):
     return normalize_with_running_stats(), state

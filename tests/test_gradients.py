@@ -82,6 +82,34 @@ def test_check_grads_float64_inference():
     check_grads(f, (x, scale, bias), order=2, modes=("fwd", "rev"))
 
 
+def test_check_grads_float64_normalize_in_all_inputs():
+  # normalize differentiates in x, mean, var, scale and bias (the running
+  # statistics too), also with a fused activation and residual.
+  with jax.enable_x64(True):
+    x, scale, bias, _ = _inputs((6, 4), -1, jnp.float64)
+    rng = np.random.default_rng(5)
+    mean = jnp.asarray(rng.standard_normal(4))
+    var = jnp.asarray(rng.uniform(0.5, 2.0, 4))
+    residual = jnp.asarray(rng.standard_normal(x.shape))
+
+    def f(x, mean, var, scale, bias, residual):
+      state = jaxbn.BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+      plain = jaxbn.normalize(x, mean, var, scale, bias)
+      fused = jaxbn.batch_norm(x, state, scale, bias, training=False,
+                               activation="leaky_relu", negative_slope=0.2, residual=residual)[0]
+      return plain, fused
+
+    check_grads(jax.jit(f), (x, mean, var, scale, bias, residual), order=2,
+                modes=("fwd", "rev"))
+
+
+def test_normalize_keeps_only_x_for_the_backward_pass():
+  x, scale, bias, _ = _inputs((6, 5, 4), -1, jnp.float32)
+  mean, var = jnp.zeros(4), jnp.ones(4)
+  vjp_fn = jax.eval_shape(lambda *a: jax.vjp(jaxbn.normalize, *a)[1], x, mean, var, scale, bias)
+  assert [leaf.size for leaf in jax.tree.leaves(vjp_fn) if leaf.size > 4] == [x.size]
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize(
     ("shape", "axis"),
