@@ -2,7 +2,8 @@
 
 Pure functions (``batch_stats``, ``normalize``, ``batch_norm``) thread an
 explicit ``BatchNormState``; ``jaxbn.linen`` and ``jaxbn.nnx`` hold drop-in
-Flax modules built on them.
+Flax modules built on them. ``jaxbn.recompute_stats`` (the same as
+``jaxbn.linen.recompute_stats``) needs Flax and imports it on first use.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +20,16 @@ from jaxbn._renorm import init_renorm_state as init_renorm_state
 from jaxbn._state import BatchNormState as BatchNormState
 from jaxbn._state import init_state as init_state
 from jaxbn._stats import batch_stats as batch_stats
+
+
+def __getattr__(name: str):
+  # `recompute_stats` runs Flax models, and Flax is optional: imported on first use.
+  if name == "recompute_stats":
+    from jaxbn._precise import recompute_stats
+
+    return recompute_stats
+  raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
 
 try:
   __version__ = version("jaxbn")

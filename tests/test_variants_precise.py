@@ -102,3 +102,7 @@ def test_bad_input():
   variables = model.init(jax.random.key(0), jnp.ones((2, 3)))
   with pytest.raises(ValueError, match=r"saw no batch norm layer run"):
     recompute_stats(model.apply, variables, _batches(1), progress=False)
+
+
+def test_recompute_stats_is_also_a_top_level_name():
+  assert jaxbn.recompute_stats is jaxbn.linen.recompute_stats
