@@ -4,9 +4,6 @@ Every check here looks only at static properties (shapes, dtypes, Python
 numbers), so it runs once while tracing and costs nothing at run time.
 """
 
-import inspect
-import math
-import warnings
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any
@@ -185,70 +182,3 @@ def check_axis_index_groups(axis_index_groups: Any, axis_name: Any) -> None:
   indices = sorted(i for group in groups for i in group)
   if indices != list(range(size)):
     raise ValueError(f"`axis_index_groups`={groups!r} does not partition the axis; {expected}.")
-
-
-def flax_fallback(x, feature_axes, *, training: bool, mask, axis_name, variants=None) -> bool:
-  """Whether the Flax modules hand ``x`` to Flax's implementation; warns when degenerate.
-
-  Flax accepts two inputs that ``jaxbn.batch_norm`` refuses: complex ``x``, and
-  training on a single value per feature (no ``mask``, no ``axis_name``), where
-  the batch variance is 0. Both keep Flax's behaviour in the modules. Flax's
-  implementation has none of jaxbn's variants, so such an input with a variant
-  requested is an error rather than a plain batch norm in disguise.
-
-  Args:
-    x: the module's input.
-    feature_axes: the canonical feature axes.
-    training: whether batch statistics are computed (to normalize or to update).
-    mask: the module's ``mask``.
-    axis_name: the module's ``axis_name`` (None while a linen module initializes).
-    variants: the keyword arguments of ``jaxbn.batch_norm`` that the module
-      passes beyond Flax's, by name; one is requested when it differs from its
-      default there.
-
-  Raises:
-    ValueError: if such an input comes with a requested variant.
-  """
-  shape = jnp.shape(x)
-  if jnp.iscomplexobj(x):
-    reason = f"a complex input (dtype {jnp.result_type(x)})"
-    fix = "normalize the real and imaginary parts as separate features"
-  else:
-    single = math.prod(shape) == math.prod(shape[a] for a in feature_axes)
-    if not (training and single and mask is None and axis_name is None):
-      return False
-    reason = f"a single value per feature (input of shape {shape}, feature axes {feature_axes})"
-    fix = (
-        "use a batch with more values per feature (when initializing too), or the running "
-        "statistics (use_running_average=True, model.eval())"
-    )
-  from jaxbn import _core  # `_core` imports this module.
-
-  defaults = {name: p.default for name, p in inspect.signature(_core.batch_norm).parameters.items()}
-  requested = [
-      f"`{name}`"
-      for name, value in (variants or {}).items()
-      if not (
-          value is None
-          if defaults[name] is None
-          else isinstance(value, type(defaults[name])) and value == defaults[name]
-      )
-  ]
-  if requested:
-    raise ValueError(
-        f"BatchNorm got {reason}, which jaxbn hands to Flax's implementation, but that "
-        f"has none of jaxbn's variants, and {', '.join(requested)} asked for one; {fix}, "
-        "or leave out those settings."
-    )
-  if jnp.iscomplexobj(x):
-    return True
-  warnings.warn(
-      f"BatchNorm in training mode got a single value per feature (input of shape "
-      f"{shape}, feature axes {feature_axes}): the batch variance is 0, so the output "
-      "is the bias alone and the running variance decays towards 0. This follows "
-      "Flax; jaxbn.batch_norm raises here. Use a larger batch, or the running "
-      "statistics (use_running_average=True, model.eval()) for single examples.",
-      UserWarning,
-      stacklevel=3,
-  )
-  return True

@@ -148,7 +148,7 @@ class BatchNorm(nn.BatchNorm):
     axis_name = None if initializing else self.axis_name
     variants = _modules.variants(self, residual, use_batch_stats, update_stats)
     feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
-    if _validation.flax_fallback(
+    if _modules.flax_fallback(
         x,
         feature_axes,
         training=uses_batch_stats or updates_stats,
