@@ -72,14 +72,19 @@ def _moments_of(module: nn.BatchNorm, x, mask) -> tuple[jax.Array, jax.Array, ja
   return tuple(v.reshape(shape) for v in (count, moments.mean, moments.m2))
 
 
-def _batch_moments(apply_fn, variables, batch) -> dict[tuple[str, ...], list]:
-  """Runs ``apply_fn`` once; returns, per batch norm path, the moments of each of its calls."""
+def _batch_moments(apply_fn, variables, batch, epsilons) -> dict[tuple[str, ...], list]:
+  """Runs ``apply_fn`` once; returns, per batch norm path, the moments of each of its calls.
+
+  Records each layer's ``epsilon`` in ``epsilons`` (while tracing).
+  """
   seen = {}
 
   def interceptor(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
       moments = _moments_of(context.module, args[0], kwargs.get("mask"))
-      seen.setdefault(tuple(context.module.path), []).append(moments)
+      path = tuple(context.module.path)
+      seen.setdefault(path, []).append(moments)
+      epsilons[path] = context.module.epsilon
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
@@ -103,9 +108,10 @@ def recompute_stats(
   ``var`` in the ``batch_stats`` collection become the exact mean and biased
   variance of all the entries that reached it, over all batches (see the
   module docstring for the formula and how it differs from PyTorch's
-  ``update_bn``). A layer called several times per step pools all its calls;
-  a ``mask`` passed to a layer is honoured. Layers that never ran keep their
-  statistics.
+  ``update_bn``); with batch renormalization, ``std`` becomes
+  ``sqrt(var + epsilon)`` to match. A layer called several times per step
+  pools all its calls; a ``mask`` passed to a layer is honoured. Layers that
+  never ran, and features masked out in every batch, keep their statistics.
 
   Like PyTorch's ``update_bn``, the passes should run the model in training
   mode, so that each layer sees the inputs training gave it (the layers
@@ -145,7 +151,8 @@ def recompute_stats(
   total = num_batches
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
-  step = jax.jit(lambda variables, batch: _batch_moments(apply_fn, variables, batch))
+  epsilons = {}
+  step = jax.jit(lambda variables, batch: _batch_moments(apply_fn, variables, batch, epsilons))
   per_layer = {}
   for batch in _progress(batches, total, progress):
     for path, calls in step(variables, batch).items():
@@ -163,9 +170,14 @@ def recompute_stats(
     for name in path:
       layer = layer[name]
     n, mean, m2 = pool_moments(calls)
-    var = np.divide(m2, n, out=np.zeros_like(m2), where=n > 0)
-    layer["mean"] = jnp.asarray(mean, jnp.result_type(layer["mean"]))
-    layer["var"] = jnp.asarray(var, jnp.result_type(layer["var"]))
+    seen = n > 0  # a feature masked out in every batch keeps its statistics
+    var = np.divide(m2, n, out=np.zeros_like(m2), where=seen)
+    new_values = {"mean": mean, "var": var}
+    if "std" in layer:  # batch renormalization's moving sqrt(var + epsilon), for training on
+      new_values["std"] = np.sqrt(var + epsilons[path])
+    for name, value in new_values.items():
+      old = layer[name]
+      layer[name] = jnp.asarray(np.where(seen, value, old), jnp.result_type(old))
   new["batch_stats"] = stats
   return freeze(new) if frozen else new
 

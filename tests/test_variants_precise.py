@@ -106,3 +106,28 @@ def test_bad_input():
 
 def test_recompute_stats_is_also_a_top_level_name():
   assert jaxbn.recompute_stats is jaxbn.linen.recompute_stats
+
+
+def test_renorm_std_follows_and_a_feature_never_seen_keeps_its_statistics():
+  bn = jaxbn.linen.BatchNorm(
+      use_running_average=False, epsilon=1e-3, renorm=jaxbn.Renorm(r_max=3.0, d_max=5.0)
+  )
+  rng = np.random.default_rng(3)
+  batches = [jnp.asarray(rng.normal(2.0, 3.0, size=(8, 3)), jnp.float32) for _ in range(4)]
+  mask = jnp.array([True, True, False])  # feature 2 is masked out in every batch
+  variables = bn.init(jax.random.key(0), batches[0], mask=mask)
+  stats = variables["batch_stats"]
+
+  def apply_fn(variables, x):
+    return bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+
+  new = recompute_stats(apply_fn, variables, batches, progress=False)["batch_stats"]
+  union = np.concatenate([np.asarray(b) for b in batches])
+  np.testing.assert_allclose(new["mean"][:2], union.mean(0)[:2], rtol=1e-5)
+  np.testing.assert_allclose(new["var"][:2], union.var(0)[:2], rtol=1e-5)
+  np.testing.assert_allclose(new["std"][:2], np.sqrt(new["var"][:2] + 1e-3), rtol=1e-6)
+  for name in ("mean", "var", "std", "renorm_mean", "renorm_std", "count"):
+    if name in ("mean", "var", "std"):
+      np.testing.assert_array_equal(new[name][2], stats[name][2], err_msg=name)
+    else:
+      np.testing.assert_array_equal(new[name], stats[name], err_msg=name)
