@@ -20,6 +20,7 @@ of the means; the two agree for large, well-shuffled batches.
 """
 
 from collections.abc import Callable, Iterable
+from functools import wraps
 from itertools import islice
 from typing import Any
 
@@ -169,17 +170,108 @@ def recompute_stats(
     layer = stats
     for name in path:
       layer = layer[name]
-    n, mean, m2 = pool_moments(calls)
-    seen = n > 0  # a feature masked out in every batch keeps its statistics
-    var = np.divide(m2, n, out=np.zeros_like(m2), where=seen)
-    new_values = {"mean": mean, "var": var}
-    if "std" in layer:  # batch renormalization's moving sqrt(var + epsilon), for training on
-      new_values["std"] = np.sqrt(var + epsilons[path])
-    for name, value in new_values.items():
-      old = layer[name]
-      layer[name] = jnp.asarray(np.where(seen, value, old), jnp.result_type(old))
+    names = ("mean", "var", "std") if "std" in layer else ("mean", "var")
+    layer.update(_population_stats(calls, {n: layer[n] for n in names}, epsilons[path]))
   new["batch_stats"] = stats
   return freeze(new) if frozen else new
+
+
+def _population_stats(calls, old: dict[str, Any], epsilon: float) -> dict[str, jax.Array]:
+  """A layer's new ``mean`` and ``var`` (and renorm's ``std``) from the moments of its calls.
+
+  ``old`` maps those names to the layer's arrays, whose shapes and dtypes the
+  new ones take; features that no call saw keep their old values.
+  """
+  n, mean, m2 = pool_moments(calls)
+  seen = n > 0
+  var = np.divide(m2, n, out=np.zeros_like(m2), where=seen)
+  # Batch renormalization's moving sqrt(var + epsilon), for training on.
+  new = {"mean": mean, "var": var, "std": np.sqrt(var + epsilon)}
+  return {
+      name: jnp.asarray(
+          np.where(seen, new[name], np.asarray(value).reshape(seen.shape)).reshape(np.shape(value)),
+          jnp.result_type(value),
+      )
+      for name, value in old.items()
+  }
+
+
+_STATISTICS = ("mean", "var", "count", "std", "renorm_mean", "renorm_std")
+
+
+def recompute_stats_nnx(
+    model: Any,
+    batches: Iterable[Any],
+    forward: Callable[[Any, Any], Any] | None = None,
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> Any:
+  """``recompute_stats`` for a Flax nnx model, in place: see ``jaxbn.nnx.recompute_stats``."""
+  from flax import nnx
+
+  layers = {id(m): m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)}
+  if not layers:
+    raise ValueError(
+        "recompute_stats found no batch norm layer in `model`: it must contain "
+        "flax.nnx.BatchNorm or jaxbn.nnx.BatchNorm layers."
+    )
+  forward = forward or (lambda model, batch: model(batch))
+  if num_batches is not None:
+    batches = islice(batches, num_batches)
+  total = num_batches if num_batches is not None else getattr(batches, "__len__", lambda: None)()
+  calls, active = {}, set()
+
+  def recording(call):
+    @wraps(call)
+    def recorded_call(self, x, *args, **kwargs):
+      if id(self) not in layers or id(self) in active:  # a subclass calling its parent
+        return call(self, x, *args, **kwargs)
+      active.add(id(self))
+      try:
+        calls.setdefault(id(self), []).append(_moments_of(self, x, kwargs.get("mask")))
+        return call(self, x, *args, **kwargs)
+      finally:
+        active.discard(id(self))
+
+    return recorded_call
+
+  classes = {
+      cls
+      for layer in layers.values()
+      for cls in type(layer).__mro__
+      if issubclass(cls, nnx.BatchNorm) and "__call__" in vars(cls)
+  }
+  originals = {cls: vars(cls)["__call__"] for cls in classes}
+  # The training-mode passes move the layers' running statistics: put them back after.
+  saved = {
+      key: {name: getattr(layer, name)[...] for name in _STATISTICS if hasattr(layer, name)}
+      for key, layer in layers.items()
+  }
+  for cls, call in originals.items():
+    cls.__call__ = recording(call)
+  try:
+    for batch in _progress(batches, total, progress):
+      forward(model, batch)
+  finally:
+    for cls, call in originals.items():
+      cls.__call__ = call
+    for key, values in saved.items():
+      for name, value in values.items():
+        getattr(layers[key], name)[...] = value
+  if not calls:
+    raise ValueError(
+        "recompute_stats saw no batch norm layer run (or `batches` is empty): `forward` "
+        "must call the model's batch norm layers."
+    )
+  for key, layer_calls in calls.items():
+    layer = layers[key]
+    renorm = getattr(layer, "renorm", None) is not None  # flax.nnx.BatchNorm has none
+    names = ("mean", "var", "std") if renorm else ("mean", "var")
+    new = _population_stats(layer_calls, {n: getattr(layer, n)[...] for n in names}, layer.epsilon)
+    for name, value in new.items():
+      getattr(layer, name)[...] = value
+  return model
 
 
 def _progress(batches, total, enabled):

@@ -13,7 +13,7 @@ is asked for.
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import _activation, _core, _modules, _validation
+from jaxbn import _activation, _core, _modules, _precise, _validation
 from jaxbn._renorm import Renorm, init_renorm_state
 
 
@@ -206,4 +206,52 @@ class BatchNorm(nnx.BatchNorm):
     return y
 
 
-__all__ = ["BatchNorm"]
+def recompute_stats(model, batches, forward=None, *, num_batches=None, progress=True):
+  """Replaces the running statistics of every batch norm layer of an nnx model, in place.
+
+  Precise BN (Wu & Johnson, 2021) for ``flax.nnx`` models, as
+  ``jaxbn.linen.recompute_stats`` is for linen ones (its docstring has the
+  formula): runs ``forward(model, batch)`` (by default ``model(batch)``) for
+  each batch, records the input of every ``flax.nnx.BatchNorm`` (and
+  subclass, such as ``jaxbn.nnx.BatchNorm``) in ``model``, and sets each
+  layer's ``mean`` and ``var`` to the exact mean and biased variance of all the
+  entries that reached it (with batch renormalization, ``std`` to
+  ``sqrt(var + epsilon)``). Features masked out in every batch, and layers that
+  never ran, keep their statistics; the running statistics that the passes
+  themselves move are put back first.
+
+  The passes should run the layers in training mode (``model.train()``), so
+  that each layer sees the inputs training gave it, and run eagerly: the
+  inputs are recorded as the layers are called, which a ``jax.jit`` or
+  ``nnx.jit`` around ``forward`` would turn into tracers. While it runs, the
+  ``__call__`` of the batch norm classes records; do not call the same
+  classes from another thread meanwhile.
+
+  Args:
+    model: an ``nnx.Module`` holding batch norm layers.
+    batches: an iterable of batches.
+    forward: ``(model, batch) -> anything``; ``model(batch)`` by default.
+    num_batches: use at most this many batches (all by default).
+    progress: show a ``tqdm`` progress bar (when ``tqdm`` is installed).
+
+  Returns:
+    ``model``, whose batch norm layers now hold the population statistics.
+
+  Raises:
+    ValueError: if ``model`` has no batch norm layer, or none ran.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+    ...                        jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> model.train()
+    >>> batches = [jnp.full((4, 2), float(i)) for i in range(3)]
+    >>> model = jaxbn.nnx.recompute_stats(model, batches, progress=False)
+  """
+  return _precise.recompute_stats_nnx(
+      model, batches, forward, num_batches=num_batches, progress=progress
+  )
+
+
+__all__ = ["BatchNorm", "recompute_stats"]

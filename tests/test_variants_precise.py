@@ -131,3 +131,47 @@ def test_renorm_std_follows_and_a_feature_never_seen_keeps_its_statistics():
       np.testing.assert_array_equal(new[name][2], stats[name][2], err_msg=name)
     else:
       np.testing.assert_array_equal(new[name], stats[name], err_msg=name)
+
+
+def test_an_nnx_model_gets_the_exact_population_statistics_in_place():
+  from flax import nnx
+
+  import jaxbn.nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.first = nnx.BatchNorm(3, rngs=rngs)  # Flax's own
+      self.second = jaxbn.nnx.BatchNorm(3, averaging="cumulative", rngs=rngs)
+      self.third = jaxbn.nnx.BatchNorm(
+          3, epsilon=1e-3, renorm=jaxbn.Renorm(r_max=3.0, d_max=5.0), rngs=rngs
+      )
+      self.unused = jaxbn.nnx.BatchNorm(3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.third(self.second(self.first(x)))
+
+  model = Net(nnx.Rngs(0))
+  model.train()
+  batches = _batches(5)
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  assert jaxbn.nnx.recompute_stats(model, batches, progress=False) is model
+
+  def standardized(x, epsilon=1e-5):  # a layer's output in training mode, scale 1, bias 0
+    return (x - x.mean(0)) / np.sqrt(x.var(0) + epsilon)
+
+  inputs = [np.asarray(b, np.float64) for b in batches]
+  for layer in (model.first, model.second, model.third):
+    union = np.concatenate(inputs)
+    np.testing.assert_allclose(layer.mean[...], union.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.var[...], union.var(0), rtol=1e-4)
+    inputs = [standardized(x) for x in inputs]
+  np.testing.assert_allclose(model.third.std[...], np.sqrt(model.third.var[...] + 1e-3), rtol=1e-6)
+  after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  # Only mean, var (and renorm's std) of the layers that ran change.
+  np.testing.assert_array_equal(after["second"]["count"], before["second"]["count"])
+  for name in ("renorm_mean", "renorm_std", "count"):
+    np.testing.assert_array_equal(after["third"][name], before["third"][name])
+  for name in ("mean", "var"):
+    np.testing.assert_array_equal(after["unused"][name], before["unused"][name])
+  with pytest.raises(ValueError, match=r"no batch norm layer in `model`"):
+    jaxbn.nnx.recompute_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), batches, progress=False)
