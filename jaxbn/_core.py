@@ -351,12 +351,15 @@ def _normalize_with_batch_stats(
         (d if scale is None else d * scale) + (0 if bias is None else bias)
     )
 
+  def coefficients(moments):
+    return _coefficients(moments, *affine(moments), epsilon)
+
   if inplace:
     z, moments = _inplace.normalize_with_batch_stats(
         x,
         stored,
         feature_axes,
-        lambda moments: _coefficients(complete(moments), *affine(complete(moments)), epsilon),
+        lambda moments: coefficients(complete(moments)),
         mask,
         axis_name,
         axis_index_groups,
@@ -375,8 +378,8 @@ def _normalize_with_batch_stats(
           implementation=implementation,
       )
   )
-  scale, bias = affine(moments)
   if implementation == "reference":
+    scale, bias = affine(moments)
     rstd = lax.rsqrt(moments.var + epsilon)
     y = (x - moments.shift - moments.delta) * rstd  # = (x - mean) * rstd, unrounded
     if scale is not None:
@@ -385,7 +388,7 @@ def _normalize_with_batch_stats(
       y = y + bias
     y = _activation.add_and_apply(y, residual, activation, negative_slope)
   else:
-    a, b = _coefficients(moments, scale, bias, epsilon)
+    a, b = coefficients(moments)
     if activation is None and residual is None:
       y = _fused.shifted_affine(x, stored, moments.shift, a, b)
     else:
@@ -635,7 +638,6 @@ def batch_norm(
       return _renorm.correction(renorm, state, mean, var, epsilon, expand)
 
   groups = _ghost_groups(virtual_batch_size, x.shape, feature_axes)
-  compute_x = x.astype(_stats.compute_dtype(x.dtype))
   if residual is not None:
     residual = jnp.asarray(residual)  # cast where it is read, so no copy is kept.
 
@@ -658,8 +660,9 @@ def batch_norm(
       stats_mask = jnp.broadcast_to(mask, x.shape).reshape(stats_x.shape)
     if residual is not None:
       stats_residual = residual.reshape(stats_x.shape)
+  compute_dtype = _stats.compute_dtype(x.dtype)
   expand = functools.partial(
-      _broadcastable, ndim=stats_x.ndim, feature_axes=param_axes, dtype=compute_x.dtype
+      _broadcastable, ndim=stats_x.ndim, feature_axes=param_axes, dtype=compute_dtype
   )
 
   def pooled(moments, unbiased=False):
@@ -709,7 +712,7 @@ def batch_norm(
     y = normalize_with_running_stats()
     moments = complete(
         _stats.global_moments(
-            lax.stop_gradient(compute_x.reshape(stats_x.shape)),
+            lax.stop_gradient(stats_x),  # read as stored, as in `batch_stats`
             stats_axes,
             stats_mask,
             axis_name,
