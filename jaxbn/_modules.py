@@ -6,7 +6,7 @@ import warnings
 
 import jax.numpy as jnp
 
-from jaxbn import _core
+from jaxbn import _core, _validation
 from jaxbn._renorm import RenormState
 from jaxbn._state import BatchNormState
 
@@ -28,28 +28,59 @@ _DEFAULTS = {
 }
 
 
-def variants(module, residual, use_batch_stats, update_stats) -> dict:
-  """The keyword arguments of ``batch_norm`` that ``module`` passes beyond Flax's."""
-  return dict(
+def call_arguments(
+    module, x, *, training, mask, axis_name, residual, use_batch_stats, update_stats
+) -> tuple[tuple[int, ...], bool, dict] | None:
+  """What a module's call passes to ``batch_norm`` beyond Flax's arguments.
+
+  Returns ``(feature_axes, updates_stats, variants)``: the canonical feature
+  axes, whether the running statistics are updated, and the variant keyword
+  arguments; or None when ``x`` goes to Flax's implementation (see
+  ``flax_fallback``).
+  """
+  uses_batch_stats, updates_stats = _core._resolve_switches(
+      training, use_batch_stats, update_stats
+  )
+  variants = dict(
       {name: getattr(module, name) for name in VARIANT_SETTINGS},
       residual=residual,
       use_batch_stats=use_batch_stats,
       update_stats=update_stats,
   )
+  feature_axes = _validation.canonicalize_axes(module.axis, jnp.ndim(x))
+  if flax_fallback(
+      x,
+      feature_axes,
+      training=uses_batch_stats or updates_stats,
+      mask=mask,
+      axis_name=axis_name,
+      variants=variants,
+  ):
+    return None
+  return feature_axes, updates_stats, variants
 
 
-def state_type(module) -> type:
-  """``RenormState`` for batch renormalization, else ``BatchNormState``."""
-  return BatchNormState if module.renorm is None else RenormState
+def stat_names(module) -> tuple[str, ...]:
+  """The running statistics ``module`` stores, in the order of its state's fields.
 
-
-def keeps_count(module) -> bool:
-  """Whether the module stores the update count.
-
-  The debiased and cumulative averages and renorm's schedules need the step; a
-  plain EMA does not, so by default the variables are Flax's.
+  Flax's ``mean`` and ``var``; the update count only for the debiased and
+  cumulative averages and renorm's schedules, which need the step; renorm's
+  own statistics only with renorm. By default the variables are Flax's.
   """
-  return module.averaging != "ema" or module.renorm is not None
+  keeps_count = module.averaging != "ema" or module.renorm is not None
+  return tuple(name for name in _state_type(module)._fields if name != "count" or keeps_count)
+
+
+def running_state(module, values: dict):
+  """The ``BatchNormState`` or ``RenormState`` of ``values`` (by name).
+
+  Without a stored count the state's count is 0: nothing reads it then.
+  """
+  return _state_type(module)(**{"count": jnp.zeros((), jnp.int32)} | values)
+
+
+def _state_type(module) -> type:
+  return BatchNormState if module.renorm is None else RenormState
 
 
 def flax_fallback(x, feature_axes, *, training: bool, mask, axis_name, variants=None) -> bool:

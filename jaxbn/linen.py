@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import dtypes
 
-from jaxbn import _activation, _core, _modules, _validation
+from jaxbn import _activation, _core, _modules
 from jaxbn._precise import recompute_stats as recompute_stats
 from jaxbn._renorm import Renorm
 
@@ -141,34 +141,30 @@ class BatchNorm(nn.BatchNorm):
       )
     else:  # Both switches given: `use_running_average` decides nothing.
       training = False
-    uses_batch_stats, updates_stats = _core._resolve_switches(
-        training, use_batch_stats, update_stats
-    )
     initializing = self.is_initializing()
     axis_name = None if initializing else self.axis_name
-    variants = _modules.variants(self, residual, use_batch_stats, update_stats)
-    feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
-    if _modules.flax_fallback(
+    call = _modules.call_arguments(
+        self,
         x,
-        feature_axes,
-        training=uses_batch_stats or updates_stats,
+        training=training,
         mask=mask,
         axis_name=axis_name,
-        variants=variants,
-    ):
+        residual=residual,
+        use_batch_stats=use_batch_stats,
+        update_stats=update_stats,
+    )
+    if call is None:
       return super().__call__(x, use_running_average, mask=mask)
+    feature_axes, updates_stats, variants = call
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    state_type = _modules.state_type(self)
     stats = {
-        name: self.variable("batch_stats", name, _INITIAL[name], feature_shape, state_dtype)
-        for name in state_type._fields
-        if name != "count"
+        name: self.variable("batch_stats", name, jnp.zeros, (), jnp.int32)
+        if name == "count"
+        else self.variable("batch_stats", name, _INITIAL[name], feature_shape, state_dtype)
+        for name in _modules.stat_names(self)
     }
-    if _modules.keeps_count(self):
-      stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-    values = {name: stat.value for name, stat in stats.items()}
-    state = state_type(**{"count": jnp.zeros((), jnp.int32)} | values)
+    state = _modules.running_state(self, {name: stat.value for name, stat in stats.items()})
     scale = (
         self.param("scale", self.scale_init, feature_shape, self.param_dtype)
         if self.use_scale

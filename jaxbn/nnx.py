@@ -13,7 +13,7 @@ is asked for.
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import _activation, _core, _modules, _precise, _validation
+from jaxbn import _activation, _core, _modules, _precise
 from jaxbn._renorm import Renorm, init_renorm_state
 
 
@@ -94,15 +94,11 @@ class BatchNorm(nnx.BatchNorm):
     self.inplace = inplace
     self.renorm = renorm
     self.virtual_batch_size = virtual_batch_size
-    # Extra statistics only where a variant needs them, so that by default the
-    # state is Flax's.
-    if _modules.keeps_count(self):
-      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
-    if renorm is not None:
-      initial = init_renorm_state(num_features)
-      self.std = nnx.BatchStat(initial.std)
-      self.renorm_mean = nnx.BatchStat(initial.renorm_mean)
-      self.renorm_std = nnx.BatchStat(initial.renorm_std)
+    # Flax's __init__ made `mean` and `var`; the others only where a variant needs them.
+    initial = init_renorm_state(num_features)
+    for name in _modules.stat_names(self):
+      if name not in ("mean", "var"):
+        setattr(self, name, nnx.BatchStat(getattr(initial, name)))
 
   def __call__(
       self,
@@ -153,20 +149,19 @@ class BatchNorm(nnx.BatchNorm):
       )
     else:
       training = not use_running_average
-    uses_batch_stats, updates_stats = _core._resolve_switches(
-        training, use_batch_stats, update_stats
-    )
-    variants = _modules.variants(self, residual, use_batch_stats, update_stats)
-    feature_axes = _validation.canonicalize_axes(self.axis, jnp.ndim(x))
-    if _modules.flax_fallback(
+    call = _modules.call_arguments(
+        self,
         x,
-        feature_axes,
-        training=uses_batch_stats or updates_stats,
+        training=training,
         mask=mask,
         axis_name=self.axis_name,
-        variants=variants,
-    ):
+        residual=residual,
+        use_batch_stats=use_batch_stats,
+        update_stats=update_stats,
+    )
+    if call is None:
       return super().__call__(x, use_running_average, mask=mask)
+    feature_axes, updates_stats, variants = call
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
@@ -175,20 +170,14 @@ class BatchNorm(nnx.BatchNorm):
     )
     # The variables hold `num_features` values; there may be several feature axes.
     scale, bias = (None if v is None else v.reshape(feature_shape) for v in (scale, bias))
-    state_type = _modules.state_type(self)
-    keeps_count = _modules.keeps_count(self)
-    stats = {
-        name: getattr(self, name)
-        for name in state_type._fields
-        if name != "count" or keeps_count
-    }
+    stats = {name: getattr(self, name) for name in _modules.stat_names(self)}
     values = {
         name: stat[...] if name == "count" else stat[...].reshape(feature_shape)
         for name, stat in stats.items()
     }
     y, new_state = _core.batch_norm(
         x,
-        state_type(**{"count": jnp.zeros((), jnp.int32)} | values),
+        _modules.running_state(self, values),
         scale,
         bias,
         training=training,
