@@ -51,6 +51,16 @@ def batch_stats(x, axis=-1, mask=None):
   return mean, var
 
 
+def partial_mask(shape, seed=2):
+  """A boolean mask dropping about a third of the entries, never a whole feature.
+
+  The first two examples stay whole, so every feature keeps valid entries.
+  """
+  mask = np.random.default_rng(seed).uniform(size=shape) > 0.3
+  mask[:2] = True
+  return mask
+
+
 def expand(v, axis, ndim):
   return np.expand_dims(np.asarray(v, np.float64), reduction_axes(axis, ndim))
 

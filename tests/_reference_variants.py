@@ -1,9 +1,30 @@
 """Float64 NumPy references for the batch-norm variants (issue: variants and utilities)."""
 
+import jax.numpy as jnp
 import numpy as np
 from _reference import batch_stats, expand, normalize, reduction_axes
 
+import jaxbn
+
 __all__ = ["batch_stats", "expand", "normalize", "reduction_axes"]
+
+
+def inputs(shape, axis=-1, seed=0, count=0):
+  """Random float32 ``(x, state, scale, bias)`` of ``shape``, features along ``axis``.
+
+  Each feature has its own offset and each entry its own spread; the state
+  holds random statistics after ``count`` updates.
+  """
+  rng = np.random.default_rng(seed)
+  c = shape[axis]
+  x = jnp.asarray(expand(rng.uniform(-2, 2, c), axis, len(shape))
+                  + rng.uniform(0.5, 2, shape) * rng.standard_normal(shape), jnp.float32)
+  state = jaxbn.BatchNormState(jnp.asarray(rng.uniform(-1, 1, c), jnp.float32),
+                               jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+                               jnp.asarray(count, jnp.int32))
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+  bias = jnp.asarray(rng.uniform(-1, 1, c), jnp.float32)
+  return x, state, scale, bias
 
 
 def update(old_mean, old_var, count, mean, var, *, momentum=0.99, averaging="ema",

@@ -71,10 +71,7 @@ def test_is_an_instance_of_flax_batch_norm():
 def test_flax_variables_give_the_same_outputs_statistics_and_gradients(shape, axis, masked):
   flax_bn, ours = _pair(axis=axis, momentum=0.8)
   x = _input(shape)
-  mask = None
-  if masked:  # drop about a third of the entries, never a whole feature
-    mask = np.random.default_rng(2).uniform(size=shape) > 0.3
-    mask[:2] = True
+  mask = _reference.partial_mask(shape) if masked else None
   key = jax.random.key(0)
   flax_vars = flax_bn.init(key, x, use_running_average=True)
   assert _reference.tree_spec(ours.init(key, x, use_running_average=True)) == _reference.tree_spec(

@@ -65,10 +65,7 @@ def test_is_an_instance_of_flax_batch_norm():
 def test_flax_state_gives_the_same_outputs_statistics_and_gradients(shape, axis, masked):
   flax_bn, ours = _pair(shape[axis], axis=axis, momentum=0.8)
   x = _input(shape)
-  mask = None
-  if masked:  # drop about a third of the entries, never a whole feature
-    mask = np.random.default_rng(2).uniform(size=shape) > 0.3
-    mask[:2] = True
+  mask = _reference.partial_mask(shape) if masked else None
   old_mean, old_var = ours.mean[...], ours.var[...]
   got = _train_step(ours, x, mask=mask)
   _reference.assert_trees_close(got, _train_step(flax_bn, x, mask=mask))

@@ -16,25 +16,12 @@ from jaxbn._renorm import Renorm, init_renorm_state
 F32 = tolerance(jnp.float32)
 
 
-def _inputs(shape, axis, seed=0):
-  rng = np.random.default_rng(seed)
-  c = shape[axis]
-  x = jnp.asarray(ref.expand(rng.uniform(-2, 2, c), axis, len(shape))
-                  + rng.uniform(0.5, 2, shape) * rng.standard_normal(shape), jnp.float32)
-  state = jaxbn.BatchNormState(jnp.asarray(rng.uniform(-1, 1, c), jnp.float32),
-                               jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
-                               jnp.asarray(0, jnp.int32))
-  scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-  bias = jnp.asarray(rng.uniform(-1, 1, c), jnp.float32)
-  return x, state, scale, bias
-
-
 @pytest.mark.parametrize(("shape", "axis", "masked", "unbiased_var"), [
     ((12, 5, 3), -1, False, False),
     ((8, 3, 4, 2), 1, True, True),
 ], ids=["nwc", "nchw-masked-unbiased"])
 def test_against_the_float64_reference(shape, axis, masked, unbiased_var):
-  x, state, scale, bias = _inputs(shape, axis)
+  x, state, scale, bias = ref.inputs(shape, axis)
   mask = None
   if masked:
     mask = np.random.default_rng(1).random((shape[0], 1) + shape[2:]) < 0.8
@@ -61,7 +48,7 @@ def test_against_the_float64_reference(shape, axis, masked, unbiased_var):
 def test_running_statistics_follow_tf_keras():
   # tf.keras groups the strided entries x[g::G]; permuted into contiguous groups, the
   # outputs and the running statistics are the same.
-  x, state, _, _ = _inputs((12, 5, 3), -1, seed=2)
+  x, state, _, _ = ref.inputs((12, 5, 3), -1, seed=2)
   groups, size = 3, 4
   y_tf, mean_tf, var_tf = ref.tf_keras_ghost(x, np.asarray(state.mean, np.float64),
                                              np.asarray(state.var, np.float64),
@@ -75,7 +62,7 @@ def test_running_statistics_follow_tf_keras():
 
 
 def test_groups_are_independent_and_gradients_are_exact():
-  x, state, scale, bias = _inputs((6, 3), -1, seed=3)
+  x, state, scale, bias = ref.inputs((6, 3), -1, seed=3)
 
   def f(x, implementation="fused"):
     return jaxbn.batch_norm(x, state, scale, bias, training=True, virtual_batch_size=3,
@@ -91,14 +78,14 @@ def test_groups_are_independent_and_gradients_are_exact():
 
 
 def test_one_group_is_batch_norm():
-  x, state, scale, bias = _inputs((6, 4, 3), -1, seed=4)
+  x, state, scale, bias = ref.inputs((6, 4, 3), -1, seed=4)
   bn = functools.partial(jaxbn.batch_norm, x, state, scale, bias, training=True)
   for a, b in zip(jax.tree.leaves(bn(virtual_batch_size=6)), jax.tree.leaves(bn()), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
 def test_renorm_uses_the_averages_over_groups():
-  x, _, scale, bias = _inputs((8, 3), -1, seed=5)
+  x, _, scale, bias = ref.inputs((8, 3), -1, seed=5)
   state = init_renorm_state(3)._replace(renorm_mean=jnp.asarray([0.5, -0.5, 0.0]),
                                         renorm_std=jnp.asarray([0.8, 1.5, 1.0]))
   y, new = jaxbn.batch_norm(x, state, scale, bias, training=True, momentum=0.9, epsilon=1e-3,
@@ -116,7 +103,7 @@ def test_renorm_uses_the_averages_over_groups():
 
 
 def test_across_devices_group_g_gathers_every_devices_group_g():
-  x, state, _, _ = _inputs((2, 4, 3), -1, seed=6)  # 2 devices, 4 local examples
+  x, state, _, _ = ref.inputs((2, 4, 3), -1, seed=6)  # 2 devices, 4 local examples
   y, new = jax.vmap(lambda x: jaxbn.batch_norm(x, state, training=True, momentum=0.0,
                                                virtual_batch_size=2, axis_name="d"),
                     axis_name="d", out_axes=(0, None))(x)

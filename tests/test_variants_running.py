@@ -15,19 +15,6 @@ from jaxbn._core import update_running_stats
 F32 = tolerance(jnp.float32)
 
 
-def _inputs(shape=(6, 5, 3), seed=0):
-  rng = np.random.default_rng(seed)
-  c = shape[-1]
-  x = jnp.asarray(rng.uniform(-2, 2, c) + rng.uniform(0.5, 2, c) * rng.standard_normal(shape),
-                  jnp.float32)
-  state = jaxbn.BatchNormState(jnp.asarray(rng.uniform(-1, 1, c), jnp.float32),
-                               jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
-                               jnp.asarray(3, jnp.int32))
-  scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-  bias = jnp.asarray(rng.uniform(-1, 1, c), jnp.float32)
-  return x, state, scale, bias
-
-
 @jax.jit
 def _all_switches(x, state, scale, bias):
   def bn(use, update):
@@ -37,7 +24,7 @@ def _all_switches(x, state, scale, bias):
 
 
 def test_switches_against_the_reference():
-  x, state, scale, bias = _inputs()
+  x, state, scale, bias = ref.inputs((6, 5, 3), count=3)
   out = _all_switches(x, state, scale, bias)
   x64 = np.asarray(x, np.float64)
   mean, var = ref.batch_stats(x64)
@@ -56,7 +43,7 @@ def test_switches_against_the_reference():
 
 
 def test_frozen_batch_norm_is_inference_and_has_no_gradient_through_statistics():
-  x, state, scale, bias = _inputs()
+  x, state, scale, bias = ref.inputs((6, 5, 3), count=3)
   def loss(x, frozen):
     kwargs = dict(use_batch_stats=False, update_stats=False) if frozen else {}
     y, new = jaxbn.batch_norm(x, state, scale, bias, training=frozen is not None, **kwargs)
@@ -70,7 +57,7 @@ def test_frozen_batch_norm_is_inference_and_has_no_gradient_through_statistics()
 
 
 def test_switches_default_to_training_and_must_be_bools():
-  x, state, *_ = _inputs()
+  x, state, *_ = ref.inputs((6, 5, 3), count=3)
   y, new = jaxbn.batch_norm(x, state, training=False, update_stats=True)
   assert int(new.count) == 4
   assert_close(y, ref.normalize(np.asarray(x, np.float64), state.mean, state.var), F32)
@@ -82,7 +69,7 @@ def test_switches_default_to_training_and_must_be_bools():
 
 @pytest.mark.parametrize("averaging", ["ema", "debiased_ema", "cumulative"])
 def test_averaging_over_steps_against_the_reference(averaging):
-  x, state, _, _ = _inputs()
+  x, state, _, _ = ref.inputs((6, 5, 3), count=3)
   mask = jnp.asarray(np.random.default_rng(1).random(x.shape) < 0.6)
   step = jax.jit(lambda x, state: jaxbn.batch_norm(
       x, state, training=True, momentum=0.8, mask=mask, averaging=averaging, unbiased_var=True))
@@ -137,7 +124,7 @@ def test_unbiased_var_folds_n_over_n_minus_one_like_pytorch():
 
 
 def test_skip_nonfinite_keeps_the_state_and_its_count():
-  x, state, *_ = _inputs()
+  x, state, *_ = ref.inputs((6, 5, 3), count=3)
   bad = x.at[0, 0, 1].set(jnp.nan)
   step = jax.jit(lambda x, s: jaxbn.batch_norm(x, s, training=True, skip_nonfinite=True))
   _, skipped = step(bad, state)
@@ -153,7 +140,7 @@ def test_skip_nonfinite_keeps_the_state_and_its_count():
 
 
 def test_pytorch_style_momentum_warns():
-  x, state, *_ = _inputs()
+  x, state, *_ = ref.inputs((6, 5, 3), count=3)
   with pytest.warns(UserWarning, match=r"PyTorch's momentum=0\.1 is jaxbn's momentum=0\.9"):
     jaxbn.batch_norm(x, state, training=True, momentum=0.1)
   with pytest.warns(UserWarning, match=r"`momentum`=0\.3"):
