@@ -147,15 +147,10 @@ def recompute_stats(
     >>> apply_fn = lambda v, x: model.apply(v, x, mutable=["batch_stats"])
     >>> variables = jaxbn.linen.recompute_stats(apply_fn, variables, batches, progress=False)
   """
-  if num_batches is not None:
-    batches = islice(batches, num_batches)
-  total = num_batches
-  if total is None and hasattr(batches, "__len__"):
-    total = len(batches)
   epsilons = {}
   step = jax.jit(lambda variables, batch: _batch_moments(apply_fn, variables, batch, epsilons))
   per_layer = {}
-  for batch in _progress(batches, total, progress):
+  for batch in _progress(batches, num_batches, progress):
     for path, calls in step(variables, batch).items():
       per_layer.setdefault(path, []).extend(calls)
   if not per_layer:
@@ -217,9 +212,6 @@ def recompute_stats_nnx(
         "flax.nnx.BatchNorm or jaxbn.nnx.BatchNorm layers."
     )
   forward = forward or (lambda model, batch: model(batch))
-  if num_batches is not None:
-    batches = islice(batches, num_batches)
-  total = num_batches if num_batches is not None else getattr(batches, "__len__", lambda: None)()
   calls, active = {}, set()
 
   def recording(call):
@@ -251,7 +243,7 @@ def recompute_stats_nnx(
   for cls, call in originals.items():
     cls.__call__ = recording(call)
   try:
-    for batch in _progress(batches, total, progress):
+    for batch in _progress(batches, num_batches, progress):
       forward(model, batch)
   finally:
     for cls, call in originals.items():
@@ -274,7 +266,11 @@ def recompute_stats_nnx(
   return model
 
 
-def _progress(batches, total, enabled):
+def _progress(batches, num_batches, enabled):
+  """``batches``, at most ``num_batches`` of them, behind a progress bar if ``enabled``."""
+  total = len(batches) if num_batches is None and hasattr(batches, "__len__") else num_batches
+  if num_batches is not None:
+    batches = islice(batches, num_batches)
   if not enabled:
     return batches
   try:
