@@ -70,14 +70,19 @@ def _compile(fn, args) -> tuple[Callable[[], Any], float, int]:
   return (lambda: compiled(*args)), compile_ms, peak
 
 
-def _residual_bytes(step, params, x, extra) -> int:
-  """Bytes of the residuals the VJP of ``step`` keeps for ``params`` and ``x`` (its leaves)."""
+def residuals(f, *args) -> list[jax.ShapeDtypeStruct]:
+  """The arrays ``jax.vjp(f, *args)`` keeps for the backward pass, as shapes and dtypes."""
+  return jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args))
 
-  def vjp(params, x, extra):
-    return jax.vjp(lambda p, x: step(p, x, extra), params, x)[1]
 
-  vjp_fn = jax.eval_shape(vjp, params, x, extra)
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp_fn)))
+def nbytes(arrays) -> int:
+  """The bytes of ``arrays`` (arrays or shapes and dtypes) together."""
+  return int(sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+def residual_bytes(f, *args) -> int:
+  """Bytes of what ``jax.vjp(f, *args)`` keeps for the backward pass."""
+  return nbytes(residuals(f, *args))
 
 
 def _zeros_like(tree):
@@ -103,7 +108,7 @@ def _jax_case(name, layout, mode, step, params, x, dy, extra) -> Case:
   run, compile_ms, peak = _compile(fn, args)
   residuals = None
   if mode != "inference":
-    residuals = _residual_bytes(step, params, x, extra)
+    residuals = residual_bytes(lambda p, x: step(p, x, extra), params, x)
   return Case(name, layout, run, compile_ms, residuals, peak)
 
 

@@ -25,17 +25,12 @@ from jax import lax
 
 import jaxbn
 
+from .contenders import nbytes, residual_bytes, residuals
 from .runner import cores, time_interleaved
 from .shapes import MLP, RESNET_MID, RESNET_STEM, TINY
 
 FULL_SHAPES = (RESNET_STEM, RESNET_MID, MLP)
 QUICK_SHAPES = (RESNET_MID, TINY)
-
-
-def residual_bytes(f, *args) -> int:
-  """Bytes of what ``jax.vjp(f, *args)`` keeps for the backward pass."""
-  vjp_fn = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args)
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp_fn)))
 
 
 def _fused_act_contenders(features):
@@ -70,7 +65,7 @@ def bench_fused_activation(shapes, reps, warmup) -> list[dict]:
     x, r, dz = (jnp.asarray(rng.standard_normal(shape.shape), jnp.float32) for _ in range(3))
     scale, bias = jnp.ones(shape.features), jnp.zeros(shape.features)
     args = (x, r, scale, bias)
-    runs, compile_ms, residuals = {}, {}, {}
+    runs, compile_ms, kept = {}, {}, {}
     for name, f in _fused_act_contenders(shape.features).items():
 
       def step(x, r, scale, bias, dz, f=f):
@@ -81,12 +76,12 @@ def bench_fused_activation(shapes, reps, warmup) -> list[dict]:
       compiled = jax.jit(step).lower(*args, dz).compile()
       compile_ms[name] = (time.perf_counter() - start) * 1e3
       runs[name] = lambda compiled=compiled, args=args, dz=dz: compiled(*args, dz)
-      residuals[name] = residual_bytes(f, *args)
+      kept[name] = residual_bytes(f, *args)
     samples = time_interleaved([runs], reps, warmup)
     for name, times in samples.items():
       rows.append({"shape": shape.key, "contender": name,
                    "median_ms": statistics.median(times), "compile_ms": compile_ms[name],
-                   "residual_bytes": residuals[name], "x_bytes": x.size * x.dtype.itemsize})
+                   "residual_bytes": kept[name], "x_bytes": x.size * x.dtype.itemsize})
   return rows
 
 
@@ -124,14 +119,13 @@ def bench_inplace_memory(shape, layers, reps, warmup) -> list[dict]:
     def loss(kernels, x, inplace=inplace):
       return _conv_bn_network(kernels, x, inplace)
 
-    vjp_fn = jax.eval_shape(lambda k, x, loss=loss: jax.vjp(loss, k, x)[1], kernels, x)
-    leaves = jax.tree.leaves(vjp_fn)
+    leaves = residuals(loss, kernels, x)
     compiled = jax.jit(jax.grad(loss)).lower(kernels, x).compile()
     memory = compiled.memory_analysis()
     runs[name] = lambda compiled=compiled: compiled(kernels, x)
     rows.append({
         "backward": name,
-        "residual_bytes": int(sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)),
+        "residual_bytes": nbytes(leaves),
         "activation_sized": sum(leaf.size == x.size for leaf in leaves),
         "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
     })
