@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
 
-from jaxbn import _state
+from jaxbn import _state, _validation
 
 Bound = float | jax.Array | Callable[[jax.Array], float | jax.Array]
 
@@ -123,10 +123,9 @@ def check(renorm: Renorm, state) -> None:
           f"`renorm.{name}` must be a float, a scalar array"
           f"{'' if name == 'momentum' else ' or a function of the step count'}, got {value!r}."
       )
-    if isinstance(value, Real) and not low <= value <= high:
-      raise ValueError(f"`renorm.{name}` must lie in [{low}, {high}], got {value}.")
-    if not isinstance(value, Real) and jnp.shape(value) != ():
+    if jnp.shape(value) != ():
       raise ValueError(f"`renorm.{name}` must be a scalar, got shape {jnp.shape(value)}.")
+    _validation.check_fraction(value, f"renorm.{name}", low, high)
   missing = [f for f in ("std", "renorm_mean", "renorm_std") if not hasattr(state, f)]
   if missing:
     raise TypeError(
