@@ -50,13 +50,14 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _masked(mask, value):
+def masked(mask, value):
+  """``value`` where ``mask`` holds, 0 elsewhere; ``value`` itself for no mask."""
   return value if mask is None else jnp.where(mask, value, jnp.zeros_like(value))
 
 
 def shifted_sums_reference(axes, x, shift, mask):
   """``(sum(x - K), sum((x - K)^2))`` over ``axes`` of the valid entries, plain autodiff."""
-  deviation = _masked(mask, x - shift)
+  deviation = masked(mask, x - shift)
   return (
       jnp.sum(deviation, axes, keepdims=True),
       jnp.sum(jnp.square(deviation), axes, keepdims=True),
@@ -125,7 +126,7 @@ def _sums_tangent(axes, stored, shift, mask, dx):
   Checkpointed: reverse mode recomputes ``x - K`` and the mask's selection in
   the backward pass instead of saving them.
   """
-  dx = _masked(mask, dx)
+  dx = masked(mask, dx)
   return jnp.sum(dx, axes, keepdims=True), 2 * jnp.sum(
       _centered_product(stored, shift, dx), axes, keepdims=True
   )
@@ -152,8 +153,8 @@ def shifted_sums(axes, x, stored, shift, mask):
   # (or the float32 copy of a half-precision input) would be written to memory
   # once and read back by both reductions.
   (stored1, shift1), (stored2, shift2) = separate_passes(((stored, shift), (stored, shift)))
-  deviation1 = _masked(mask, stored1.astype(shift.dtype) - shift1)
-  deviation2 = _masked(mask, stored2.astype(shift.dtype) - shift2)
+  deviation1 = masked(mask, stored1.astype(shift.dtype) - shift1)
+  deviation2 = masked(mask, stored2.astype(shift.dtype) - shift2)
   return (
       jnp.sum(deviation1, axes, keepdims=True),
       jnp.sum(jnp.square(deviation2), axes, keepdims=True),

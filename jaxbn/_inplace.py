@@ -96,10 +96,6 @@ def _first_order_only_jvp(primals, tangents):
   )
 
 
-def _masked(mask, value):
-  return value if mask is None else jnp.where(mask, value, jnp.zeros_like(value))
-
-
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def carry_sums(axes, s, x, z, residual, a, b, offset, mask):
   """Zeros shaped like the sums over ``axes``, carrying the tangent of the shifted sums.
@@ -118,7 +114,7 @@ def carry_sums(axes, s, x, z, residual, a, b, offset, mask):
 def _carry_sums_jvp(axes, s, primals, tangents):
   x, z, residual, a, b, offset, mask = primals
   a, b, offset = (_first_order_only(v) for v in (a, b, offset))
-  dx = _masked(mask, tangents[0])
+  dx = _fused.masked(mask, tangents[0])
   ds1 = jnp.sum(dx, axes, keepdims=True)
   ds2 = 2 * (jnp.sum(_recovered_product(s, z, residual, a, b, dx), axes, keepdims=True)
              + offset * ds1)
