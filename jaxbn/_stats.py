@@ -134,9 +134,18 @@ def _gather(value: jax.Array, axis_name: AxisName, axis_index_groups) -> jax.Arr
 
 
 def _gather_groups(value, axis_name, axis_index_groups):
+  names = _names(axis_name)
   varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
-  if not set(_names(axis_name)) <= varying:  # vmap, pmap
-    return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+  if not set(names) <= varying:  # vmap, pmap
+    if len(names) == 1:
+      return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
+    if axis_index_groups is not None:
+      raise NotImplementedError  # groups of several axes: take all, `_gather` keeps the group.
+    # One `all_gather` cannot span nested `vmap`s (or a `pmap` and a `vmap`): gather
+    # along each name, the last one innermost, as `axis_index(names)` numbers them.
+    for name in reversed(names):
+      value = lax.all_gather(value, name)
+    return value.reshape((-1,) + value.shape[len(names):])
   # In `shard_map`, a `psum` of `value` placed in this device's slot: unlike an
   # `all_gather`, its result is typed as the same on every device (so statistics
   # may leave with `out_specs=P()`), and its transpose is a local sum, not a

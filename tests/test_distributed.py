@@ -37,7 +37,7 @@ def _data():
   return x, mask, scale, bias
 
 
-def _step(x, mask, scale, bias, axis_name=None, axis_index_groups=None):
+def _step(x, mask, scale, bias, axis_name=None, axis_index_groups=None, implementation="fused"):
   """One training step on one device's rows: (loss, (y, new_state))."""
   y, state = jaxbn.batch_norm(
       x,
@@ -49,6 +49,7 @@ def _step(x, mask, scale, bias, axis_name=None, axis_index_groups=None):
       mask=mask,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
+      implementation=implementation,
   )
   return jnp.sum(jnp.sin(3.0 * y)), (y, state)
 
@@ -359,3 +360,117 @@ def test_nnx_matches_flax_under_shard_map():
   flax_result, jaxbn_result = results
   for got, want in zip(jax.tree.leaves(jaxbn_result), jax.tree.leaves(flax_result), strict=True):
     np.testing.assert_allclose(got, want, **TOL)
+
+
+# Regressions: a tuple `axis_name` under nested maps crashed in `lax.all_gather`
+# ("axis size doesn't match"): one gather cannot span two `vmap`s, or a `pmap` and a `vmap`.
+OUTER, INNER = 2, 4  # D = OUTER * INNER devices, as two nested maps
+NESTED_GROUPS = [[0, 1, 4, 5], [2, 3, 6, 7]]  # indices along ("o", "i"): o * INNER + i
+
+
+def _nested(fn, outer_map, in_axes=0):
+  """``fn`` on (OUTER, INNER, N, C) inputs: ``outer_map`` over "o", ``jax.vmap`` over "i"."""
+  inner = jax.vmap(fn, in_axes, axis_name="i")
+  if outer_map == "vmap":
+    return jax.jit(jax.vmap(inner, in_axes, axis_name="o"))
+  return jax.pmap(inner, "o", in_axes=in_axes)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("outer_map", ["vmap", "pmap"])
+def test_tuple_axis_name_under_nested_maps_gives_full_batch_statistics(
+    full_batch, outer_map, implementation
+):
+  x, mask, scale, bias = _data()
+  grad_step = jax.grad(
+      partial(_step, axis_name=("o", "i"), implementation=implementation),
+      argnums=(0, 2, 3),
+      has_aux=True,
+  )
+  nested = (np.reshape(a, (OUTER, INNER, N, -1)) for a in (x, mask))
+  grads, (y, state) = _nested(grad_step, outer_map, (0, 0, None, None))(*nested, scale, bias)
+  per_device = lambda a: np.reshape(a, (D,) + np.shape(a)[2:])  # noqa: E731
+  param_grads = (np.sum(per_device(g), 0) for g in grads[1:])  # summed over the devices
+  _assert_matches_full_batch(
+      per_device(y), jax.tree.map(per_device, state), (per_device(grads[0]), *param_grads),
+      full_batch,
+  )
+
+
+@pytest.mark.parametrize("outer_map", ["vmap", "pmap"])
+def test_tuple_axis_name_under_nested_maps_with_groups(outer_map):
+  x, mask, _, _ = _data()
+  stats = partial(jaxbn.batch_stats, axis_name=("o", "i"), axis_index_groups=NESTED_GROUPS)
+  nested = (np.reshape(a, (OUTER, INNER, N, -1)) for a in (x, mask))
+  mean, var = _nested(lambda x, m: stats(x, mask=m), outer_map)(*nested)
+  mean, var = np.reshape(mean, (D, C)), np.reshape(var, (D, C))
+  for group in NESTED_GROUPS:
+    want = _reference.batch_stats(x[group].reshape(-1, C), mask=mask[group].reshape(-1, 1))
+    for i in group:
+      np.testing.assert_allclose(mean[i], want[0], **TOL)
+      np.testing.assert_allclose(var[i], want[1], **TOL)
+
+
+def test_tuple_axis_name_over_a_2d_mesh_with_groups():
+  x, mask, _, _ = _data()
+  mesh = jax.make_mesh((OUTER, INNER), ("o", "i"))
+  stats = partial(jaxbn.batch_stats, axis_name=("o", "i"), axis_index_groups=NESTED_GROUPS)
+  local = jax.shard_map(
+      lambda x, m: jax.tree.map(lambda v: v[None], stats(x[0], mask=m[0])),
+      mesh=mesh,
+      in_specs=P(("o", "i")),
+      out_specs=P(("o", "i")),
+  )
+  sharded = jax.device_put((x, mask), NamedSharding(mesh, P(("o", "i"))))
+  mean, var = (np.asarray(v) for v in jax.jit(local)(*sharded))
+  for group in NESTED_GROUPS:
+    want = _reference.batch_stats(x[group].reshape(-1, C), mask=mask[group].reshape(-1, 1))
+    for i in group:
+      np.testing.assert_allclose(mean[i], want[0], **TOL)
+      np.testing.assert_allclose(var[i], want[1], **TOL)
+
+
+def test_linen_tuple_axis_name_inside_two_nn_vmaps_matches_flax():
+  x, _, _, _ = _data()
+  x = x.reshape(OUTER, INNER, N, C)
+  results = []
+  for cls in (nn.BatchNorm, jaxbn.linen.BatchNorm):
+
+    class Nested(nn.Module):
+      cls: type
+
+      @nn.compact
+      def __call__(self, x):
+        bn = nn.vmap(
+            self.cls,
+            in_axes=0,
+            out_axes=0,
+            axis_name="inner",
+            variable_axes={"params": None, "batch_stats": None},
+            split_rngs={"params": False},
+        )
+        bn = nn.vmap(
+            bn,
+            in_axes=0,
+            out_axes=0,
+            axis_name="outer",
+            variable_axes={"params": None, "batch_stats": None},
+            split_rngs={"params": False},
+        )
+        return bn(
+            use_running_average=False,
+            axis_name=("outer", "inner"),
+            momentum=0.5,
+            use_fast_variance=False,
+        )(x)
+
+    model = Nested(cls)
+    variables = model.init(jax.random.key(0), x)
+    results.append(model.apply(variables, x, mutable=["batch_stats"]))
+  flax_result, jaxbn_result = results
+  for got, want in zip(jax.tree.leaves(jaxbn_result), jax.tree.leaves(flax_result), strict=True):
+    np.testing.assert_allclose(got, want, **TOL)
+  (stats,) = jaxbn_result[1]["batch_stats"].values()
+  mean, var = _reference.batch_stats(x.reshape(-1, C))  # of all OUTER * INNER * N rows
+  np.testing.assert_allclose(stats["mean"], 0.5 * mean, **TOL)
+  np.testing.assert_allclose(stats["var"], 0.5 + 0.5 * var, **TOL)
