@@ -24,14 +24,17 @@ from functools import wraps
 from itertools import islice
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import freeze, unfreeze
-from flax.core.frozen_dict import FrozenDict
 
 from jaxbn import _stats, _validation
+
+_validation.require("flax", extra="flax", user="jaxbn.recompute_stats")
+
+import flax.linen as nn  # noqa: E402
+from flax.core import freeze, unfreeze  # noqa: E402
+from flax.core.frozen_dict import FrozenDict  # noqa: E402
 
 
 def pool_moments(moments: Iterable[tuple[Any, Any, Any]]) -> tuple[np.ndarray, ...]:

@@ -4,6 +4,7 @@ Every check here looks only at static properties (shapes, dtypes, Python
 numbers), so it runs once while tracing and costs nothing at run time.
 """
 
+import importlib.util
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any
@@ -12,6 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 
 Axis = int | Sequence[int]
+
+
+def require(package: str, *, extra: str, user: str) -> None:
+  """Raises an ``ImportError`` that gives the install command when ``package`` is missing.
+
+  Flax and Equinox are optional dependencies, imported only by the modules
+  that wrap them (``user``).
+  """
+  if importlib.util.find_spec(package) is None:
+    raise ImportError(
+        f"{user} needs {package}, which is not installed: pip install \"jaxbn[{extra}]\" "
+        f"(or pip install {package})."
+    )
 
 
 def canonicalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:

@@ -17,13 +17,19 @@ the output is the bias alone; a ``UserWarning`` says so). Flax's
 implementation has no variants: such an input with one raises a ``ValueError``.
 """
 
-import flax.linen as nn
 import jax.numpy as jnp
-from flax.linen import dtypes
 
-from jaxbn import _activation, _core, _modules
-from jaxbn._precise import recompute_stats as recompute_stats
-from jaxbn._renorm import Renorm
+from jaxbn import _validation
+
+_validation.require("flax", extra="flax", user="jaxbn.linen")
+
+import flax.linen as nn  # noqa: E402
+from flax import errors  # noqa: E402
+from flax.linen import dtypes  # noqa: E402
+
+from jaxbn import _activation, _core, _modules  # noqa: E402
+from jaxbn._precise import recompute_stats as recompute_stats  # noqa: E402
+from jaxbn._renorm import Renorm  # noqa: E402
 
 # Initial values of the statistics, as in `init_state` and `init_renorm_state`.
 _INITIAL = {
@@ -156,6 +162,8 @@ class BatchNorm(nn.BatchNorm):
     if call is None:
       return super().__call__(x, use_running_average, mask=mask)
     feature_axes, updates_stats, variants = call
+    if not initializing:
+      _check_batch_stats(self, updates_stats)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     state_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     stats = {
@@ -196,4 +204,46 @@ class BatchNorm(nn.BatchNorm):
     return y.astype(dtype)
 
 
-__all__ = ["BatchNorm", "recompute_stats"]
+class MissingBatchStatsError(errors.ScopeCollectionNotFound):
+  """``apply`` was given no running statistics for a BatchNorm that reads them."""
+
+  def __init__(self, message: str):
+    Exception.__init__(self, message)
+
+
+class ImmutableBatchStatsError(errors.ModifyScopeVariableError):
+  """A BatchNorm in training mode must update ``batch_stats``, which ``apply`` keeps frozen."""
+
+  def __init__(self, message: str):
+    Exception.__init__(self, message)
+
+
+def _check_batch_stats(module: BatchNorm, updates_stats: bool) -> None:
+  """Raises before Flax would, with the fix, when ``apply`` lacks or freezes ``batch_stats``.
+
+  Both errors subclass Flax's (``ScopeCollectionNotFound``,
+  ``ModifyScopeVariableError``), so code that catches those still does.
+  """
+  mutable = module.is_mutable_collection("batch_stats")
+  where = f"{type(module).__name__} at {module.scope.path_text!r}"
+  if not mutable and not module.has_variable("batch_stats", "mean"):
+    raise MissingBatchStatsError(
+        f"{where} reads its running statistics from the collection 'batch_stats', but "
+        "the `variables` given to `apply` have none. Pass every collection that `init` "
+        "returned: `variables = model.init(key, x)` then `model.apply(variables, x, ...)`, "
+        'or `model.apply({"params": params, "batch_stats": batch_stats}, x, ...)`.'
+    )
+  if updates_stats and not mutable:
+    raise ImmutableBatchStatsError(
+        f"{where} is in training mode (use_running_average=False): it normalizes with "
+        "the batch statistics and updates its running statistics, but the collection "
+        "'batch_stats' is immutable in this `apply`. Make it mutable and take the new "
+        'statistics from the second output: `y, updates = model.apply(variables, x, '
+        'mutable=["batch_stats"])`, then `variables = {**variables, "batch_stats": '
+        'updates["batch_stats"]}`. To keep the statistics frozen instead, normalize with '
+        "them (use_running_average=True), or with the batch's without an update "
+        "(call the BatchNorm with update_stats=False)."
+    )
+
+
+__all__ = ["BatchNorm", "ImmutableBatchStatsError", "MissingBatchStatsError", "recompute_stats"]

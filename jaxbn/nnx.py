@@ -11,10 +11,15 @@ is asked for.
 """
 
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxbn import _activation, _core, _modules, _precise
-from jaxbn._renorm import Renorm, init_renorm_state
+from jaxbn import _validation
+
+_validation.require("flax", extra="flax", user="jaxbn.nnx")
+
+from flax import errors, nnx  # noqa: E402
+
+from jaxbn import _activation, _core, _modules, _precise  # noqa: E402
+from jaxbn._renorm import Renorm, init_renorm_state  # noqa: E402
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -190,9 +195,27 @@ class BatchNorm(nnx.BatchNorm):
         **variants,
     )
     if updates_stats:
-      for name, stat in stats.items():
-        stat[...] = getattr(new_state, name).reshape(stat.shape)
+      try:
+        for name, stat in stats.items():
+          stat[...] = getattr(new_state, name).reshape(stat.shape)
+      except errors.TraceContextError as error:
+        raise errors.TraceContextError(_SHARED_STATS_MESSAGE) from error
     return y
+
+
+_SHARED_STATS_MESSAGE = (
+    "BatchNorm in training mode updates its running statistics, but it runs inside a "
+    "transformation (such as nnx.vmap or jax.vmap over the batch) that does not own the "
+    "module's state, so each mapped member would write its own statistics into one "
+    "shared BatchStat. To normalize with the statistics of the whole batch, name the mapped "
+    "axis in both places and pass the model to the mapped function: "
+    "`nnx.vmap(f, in_axes=(None, 0), axis_name='batch')` with "
+    "`jaxbn.nnx.BatchNorm(..., axis_name='batch')`. To give each member its own statistics "
+    "(an ensemble), map the model's state too: a model made under `nnx.vmap` mapped with "
+    "`in_axes=(0, 0)`, or `in_axes=(nnx.StateAxes({nnx.BatchStat: 0, ...: None}), 0)` with "
+    "the statistics stacked along axis 0. To normalize without an update, use "
+    "`model.eval()` or call the BatchNorm with `update_stats=False`."
+)
 
 
 def recompute_stats(model, batches, forward=None, *, num_batches=None, progress=True):

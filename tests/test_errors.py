@@ -4,6 +4,10 @@ Every case runs eagerly and under ``jax.jit`` with all array arguments traced:
 the checks look only at static properties, so they fire while tracing.
 """
 
+import importlib
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -270,3 +274,17 @@ def test_init_state_bad_input(feature_shape, dtype, error, match):
   with pytest.raises(error, match=match):
     jaxbn.init_state(feature_shape, dtype)
 
+
+
+# Regression: without Flax, `import jaxbn.linen` raised a bare ModuleNotFoundError.
+@pytest.mark.parametrize("user", ["jaxbn.linen", "jaxbn.nnx", "jaxbn.recompute_stats"])
+def test_flax_modules_without_flax_name_the_extra_to_install(user, monkeypatch):
+  monkeypatch.setitem(sys.modules, "flax", None)  # as if Flax were not installed
+  for name in ("jaxbn.linen", "jaxbn.nnx", "jaxbn._precise"):
+    monkeypatch.delitem(sys.modules, name, raising=False)
+  with pytest.raises(ImportError, match=re.escape(f'{user} needs flax, which is not installed: '
+                                                  'pip install "jaxbn[flax]"')):
+    if user == "jaxbn.recompute_stats":
+      jaxbn.recompute_stats  # noqa: B018
+    else:
+      importlib.import_module(user)

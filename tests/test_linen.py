@@ -7,6 +7,7 @@ rounding for bfloat16 outputs).
 
 import warnings
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -243,3 +244,54 @@ def test_integer_input_is_promoted_to_the_params_dtype_like_flax():
   got = ours.apply(variables, x, mutable=["batch_stats"])
   assert got[0].dtype == f32
   _reference.assert_trees_close(got, flax_bn.apply(variables, x, mutable=["batch_stats"]))
+
+
+class _Net(nn.Module):
+  """A user's model: Dense then BatchNorm, switched by ``train``."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return jaxbn.linen.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+
+
+# Regression: training without `mutable=["batch_stats"]` gave Flax's bare
+# "collection "batch_stats" is immutable", which does not say what to do.
+def test_training_apply_without_mutable_batch_stats_says_how_to_fix_it():
+  x = _input((6, 2))
+  variables = _Net().init(jax.random.key(0), x, train=False)
+  with pytest.raises(jaxbn.linen.ImmutableBatchStatsError) as error:
+    _Net().apply(variables, x, train=True)
+  message = str(error.value)
+  assert "'/BatchNorm_0'" in message and "training mode" in message
+  assert 'mutable=["batch_stats"]' in message and 'updates["batch_stats"]' in message
+  assert "use_running_average=True" in message and "update_stats=False" in message
+  # Code that catches Flax's error keeps catching ours.
+  assert isinstance(error.value, flax.errors.ModifyScopeVariableError)
+  y, updates = _Net().apply(variables, x, train=True, mutable=["batch_stats"])  # the fix
+  assert set(updates) == {"batch_stats"}
+
+
+# Regression: `apply({"params": params}, ...)` gave Flax's "Tried to access "mean" from
+# collection "batch_stats" ... but the collection is empty".
+@pytest.mark.parametrize("train", [False, True])
+def test_apply_without_batch_stats_says_how_to_pass_them(train):
+  x = _input((6, 2))
+  variables = _Net().init(jax.random.key(0), x, train=False)
+  with pytest.raises(jaxbn.linen.MissingBatchStatsError) as error:
+    _Net().apply({"params": variables["params"]}, x, train=train)
+  message = str(error.value)
+  assert "'/BatchNorm_0'" in message and "'batch_stats'" in message
+  assert '{"params": params, "batch_stats": batch_stats}' in message
+  assert isinstance(error.value, flax.errors.ScopeCollectionNotFound)
+  _Net().apply(variables, x, train=False)  # the fix
+
+
+def test_training_apply_with_mutable_batch_stats_creates_missing_statistics_as_flax():
+  x = _input((6, 2))
+  params = {"params": _Net().init(jax.random.key(0), x, train=False)["params"]}
+  _, updates = _Net().apply(params, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(
+      updates["batch_stats"]["BatchNorm_0"]["mean"],
+      0.01 * nn.Dense(3).apply({"params": params["params"]["Dense_0"]}, x).mean(0),
+      rtol=1e-5, atol=1e-6,
+  )

@@ -8,6 +8,7 @@ and on the second.
 
 import warnings
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +258,31 @@ def test_single_value_per_feature_in_training_warns_and_follows_flax():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     ours(x)
+
+
+# Regression: a model closed over by `nnx.vmap`/`jax.vmap` without an axis name failed
+# in Flax's trace machinery ("Cannot mutate BatchStat from a different trace level").
+@pytest.mark.parametrize("vmap", [nnx.vmap, jax.vmap])
+def test_vmap_over_shared_statistics_without_axis_name_says_why_and_the_fixes(vmap):
+  x = _input((2, 4, 3))
+  model = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+  with pytest.raises(flax.errors.TraceContextError) as error:
+    vmap(lambda x: model(x))(x)
+  message = str(error.value)
+  assert "shared BatchStat" in message
+  assert "axis_name='batch'" in message and "nnx.StateAxes({nnx.BatchStat: 0" in message
+  np.testing.assert_array_equal(model.mean[...], 0.0)  # nothing was written
+
+
+def test_the_fixes_of_the_shared_statistics_error_work():
+  x = _input((2, 4, 3))
+  # The statistics of the whole batch: an axis name on the map and on the module.
+  model = jaxbn.nnx.BatchNorm(3, momentum=0.5, axis_name="batch", rngs=nnx.Rngs(0))
+  nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(model, x)
+  np.testing.assert_allclose(model.mean[...], 0.5 * x.reshape(8, 3).mean(0), rtol=1e-5)
+  # Each member its own statistics.
+  model = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+  model.mean, model.var = nnx.BatchStat(jnp.zeros((2, 3))), nnx.BatchStat(jnp.ones((2, 3)))
+  axes = nnx.StateAxes({nnx.BatchStat: 0, ...: None})
+  nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0))(model, x)
+  np.testing.assert_allclose(model.mean[...], 0.5 * x.mean(1), rtol=1e-5)
