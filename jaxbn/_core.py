@@ -680,7 +680,9 @@ def batch_norm(
     return _with_running_stats_where_empty(moments, expand(state.mean), expand(state.var))
 
   entries_per_feature = stats_x.size // max(1, jnp.size(state.mean) * (groups or 1))
-  if axis_name is None and mask is None and entries_per_feature <= 1:
+  # A symbolic batch size (jax.export) may be anything at run time: no check then.
+  concrete = not jax.export.is_symbolic_dim(entries_per_feature)
+  if axis_name is None and mask is None and concrete and entries_per_feature <= 1:
     raise ValueError(
         f"batch norm with batch statistics needs more than one value per feature, but `x` "
         f"of shape {x.shape} with `axis`={axis!r}"

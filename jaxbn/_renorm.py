@@ -54,6 +54,9 @@ class RenormState(NamedTuple):
   renorm_std: jax.Array  # [*feature_shape] float32+: sigma of r and d (renorm momentum).
 
 
+jax.export.register_namedtuple_serialization(RenormState, serialized_name="jaxbn.RenormState")
+
+
 def init_renorm_state(
     feature_shape: int | tuple[int, ...], dtype: DTypeLike = jnp.float32
 ) -> RenormState:

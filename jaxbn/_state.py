@@ -19,6 +19,10 @@ class BatchNormState(NamedTuple):
   count: jax.Array  # [], int32: number of training-mode updates so far.
 
 
+# Exported functions (`jax.export`) that take or return a state can be serialized.
+jax.export.register_namedtuple_serialization(BatchNormState, serialized_name="jaxbn.BatchNormState")
+
+
 def init_state(
     feature_shape: int | tuple[int, ...], dtype: DTypeLike = jnp.float32
 ) -> BatchNormState:

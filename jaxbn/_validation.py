@@ -113,7 +113,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
     return
   mask_shape = tuple(jnp.shape(mask))
   try:
-    broadcast = np.broadcast_shapes(mask_shape, x_shape)
+    broadcast = jnp.broadcast_shapes(mask_shape, x_shape)
   except ValueError:
     broadcast = None
   if broadcast != x_shape:

@@ -282,3 +282,67 @@ def test_sharded_jit_over_the_batch_without_axis_name_equals_one_device(mesh, im
   got = step(x_sharded, scale, bias, state)
   assert got[1][0].sharding.is_equivalent_to(x_sharded.sharding, x.ndim)  # dx stays sharded
   _assert_trees_close(got, jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, scale, bias, state))
+
+
+# Regression: exporting a training step with a symbolic batch size raised
+# "Symbolic dimension comparison 'b' <= '1' is inconclusive" (the single-value check).
+def _export_and_run(fn, specs, *calls):
+  """``fn`` exported for ``specs``, serialized, read back and called on each of ``calls``;
+  returns ``[(exported result, jitted result)]``."""
+  exported = jax.export.deserialize(jax.export.export(jax.jit(fn))(*specs).serialize())
+  return [(exported.call(*args), jax.jit(fn)(*args)) for args in calls]
+
+
+def _symbolic(spec, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec), dtype)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_export_of_a_training_step_with_a_symbolic_batch_size(implementation, masked):
+  def step(x, state, mask=None):
+    return jaxbn.batch_norm(x, state, training=True, mask=mask, implementation=implementation)
+
+  b, c = jax.export.symbolic_shape("b, 5")
+  specs = [jax.ShapeDtypeStruct((b, c), jnp.float32), jaxbn.init_state(C)]
+  if masked:
+    specs.append(jax.ShapeDtypeStruct((b, 1), jnp.bool_))
+  calls = []
+  for n in (3, 16):
+    x, _, _ = _data(seed=n, shape=(n, C))
+    calls.append((x, jaxbn.init_state(C)) + ((x[:, :1] > 2.0,) if masked else ()))
+  for got, want in _export_and_run(step, specs, *calls):
+    _assert_trees_close(got, want)
+
+
+def test_export_of_a_whole_training_step_with_a_symbolic_batch_size():
+  x, scale, bias = _data()
+
+  def train_step(params, state, x):
+    (loss, state), grads = jax.value_and_grad(
+        lambda p: _loss(x, p["scale"], p["bias"], state), has_aux=True
+    )(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), state, loss
+
+  params = {"scale": scale, "bias": bias}
+  specs = (params, jaxbn.init_state(C), _symbolic("b, 5"))
+  calls = [(params, jaxbn.init_state(C), x[:n]) for n in (4, N)]
+  for got, want in _export_and_run(train_step, specs, *calls):
+    _assert_trees_close(got, want)
+
+
+def test_export_of_the_linen_module_in_training_with_a_symbolic_batch_size():
+  import jaxbn.linen
+
+  x, _, _ = _data()
+  bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
+  variables = bn.init(jax.random.key(0), x)
+  step = partial(bn.apply, mutable=["batch_stats"])
+  calls = [(variables, x[:n]) for n in (4, N)]
+  for got, want in _export_and_run(step, (variables, _symbolic("b, 5")), *calls):
+    _assert_trees_close(got, want)
+
+
+def test_the_single_value_check_still_fires_for_concrete_shapes():
+  with pytest.raises(ValueError, match="needs more than one value per feature"):
+    jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(C), training=True))(jnp.ones((1, C)))
