@@ -28,6 +28,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxbn import _fused
 
@@ -65,11 +66,16 @@ def slope(activation, negative_slope) -> float:
   return {None: 1.0, "relu": 0.0, "leaky_relu": float(negative_slope)}[activation]
 
 
+def _negative_branch(s: float, value: jax.Array):
+  """``s * value``, exactly 0 for ``s = 0`` (relu): never ``0 * inf = NaN`` or ``-0.``."""
+  return s * value if s else jnp.zeros_like(value)
+
+
 def apply(u: jax.Array, activation, negative_slope) -> jax.Array:
-  """``act(u)``."""
+  """``act(u)``; a NaN stays NaN, ``relu(-inf) = 0`` and ``leaky_relu(-inf) = -inf``."""
   if activation is None:
     return u
-  return jnp.where(u > 0, u, slope(activation, negative_slope) * u)
+  return jnp.where(u <= 0, _negative_branch(slope(activation, negative_slope), u), u)
 
 
 def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
@@ -79,10 +85,44 @@ def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
   return apply(y, activation, negative_slope)
 
 
+def normalize_and_apply(centered, rstd, scale, bias, residual, activation, negative_slope):
+  """``act((x - mean) * rstd * scale + bias + r)`` under plain autodiff, the textbook formula.
+
+  ``centered`` is ``x - mean``. With relu, the entries whose output is 0 pass
+  ``centered = 0`` on (the double ``where`` of JAX's FAQ): their derivatives are
+  0, also where ``x`` is infinite, rather than ``0 * inf = NaN``.
+  """
+
+  def pre_activation(centered):
+    y = centered * rstd
+    if scale is not None:
+      y = y * scale
+    if bias is not None:
+      y = y + bias
+    return add_and_apply(y, residual, None, 0.0)
+
+  u = pre_activation(centered)
+  if slope(activation, negative_slope):
+    return apply(u, activation, negative_slope)
+  closed = lax.stop_gradient(u) <= 0  # NaN stays open, and NaN
+  u = pre_activation(jnp.where(closed, jnp.zeros_like(centered), centered))
+  return jnp.where(closed, jnp.zeros_like(u), u)
+
+
 @_fused.recomputed(static_argnums=(0,))
 def tangent_from_output(s: float, z: jax.Array, t: jax.Array) -> jax.Array:
   """``act'(z) * t``, recomputed from ``z`` rather than saved as a mask."""
-  return jnp.where(z > 0, t, s * t)
+  return jnp.where(z > 0, t, _negative_branch(s, t))
+
+
+@_fused.recomputed(static_argnums=(0,))
+def _open_centered_product(s: float, z, stored, shift, t):
+  """``(x - K) * t`` where ``act'(z) != 0``, 0 elsewhere; recomputed, never saved.
+
+  With relu an entry whose output is 0 contributes nothing to the derivatives,
+  also where ``x`` is infinite (``0 * inf`` would be NaN).
+  """
+  return _fused._centered_product(stored, shift, t, None if s else z > 0)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -103,10 +143,11 @@ def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
   x, stored, shift, a, b, residual = primals
   dx, _, _, da, db, dresidual = tangents  # `stored` gives values; `shift` has no gradient.
   z = shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual)
-  du = _fused.tangent_sum((dx * a, _fused._centered_product(stored, shift, da), db), stored.dtype)
+  s = slope(activation, negative_slope)
+  du = _fused.tangent_sum((dx * a, _open_centered_product(s, z, stored, shift, da), db), stored.dtype)
   if residual is not None:
     # Added apart: a residual that is not differentiated has a constant tangent.
     du = du + dresidual.astype(du.dtype)
   if activation is None:
     return z, du
-  return z, tangent_from_output(slope(activation, negative_slope), z, du)
+  return z, tangent_from_output(s, z, du)

@@ -380,13 +380,11 @@ def _normalize_with_batch_stats(
   )
   if implementation == "reference":
     scale, bias = affine(moments)
-    rstd = lax.rsqrt(moments.var + epsilon)
-    y = (x - moments.shift - moments.delta) * rstd  # = (x - mean) * rstd, unrounded
-    if scale is not None:
-      y = y * scale
-    if bias is not None:
-      y = y + bias
-    y = _activation.add_and_apply(y, residual, activation, negative_slope)
+    centered = x - moments.shift - moments.delta  # = x - mean, unrounded
+    y = _activation.normalize_and_apply(
+        centered, lax.rsqrt(moments.var + epsilon), scale, bias, residual, activation,
+        negative_slope,
+    )
   else:
     a, b = coefficients(moments)
     if activation is None and residual is None:

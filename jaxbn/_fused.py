@@ -114,9 +114,13 @@ def tangent_sum(terms, dtype):
 
 
 @recomputed
-def _centered_product(x, shift, t):
-  """``(x - K) * t`` in the dtype of ``t``, recomputed rather than saved when differentiated."""
-  return (x.astype(t.dtype) - shift) * t
+def _centered_product(x, shift, t, valid=None):
+  """``(x - K) * t`` in the dtype of ``t``, recomputed rather than saved when differentiated.
+
+  Entries where ``valid`` (if given) is False give 0, even where ``x`` is
+  infinite (``0 * inf`` would be NaN).
+  """
+  return masked(valid, x.astype(t.dtype) - shift) * t
 
 
 @recomputed(static_argnums=(0,))
@@ -128,7 +132,7 @@ def _sums_tangent(axes, stored, shift, mask, dx):
   """
   dx = masked(mask, dx)
   return jnp.sum(dx, axes, keepdims=True), 2 * jnp.sum(
-      _centered_product(stored, shift, dx), axes, keepdims=True
+      _centered_product(stored, shift, dx, mask), axes, keepdims=True
   )
 
 

@@ -138,3 +138,75 @@ def test_bad_input(kwargs, error, match, training):
   x = jnp.ones((5, 3))
   with pytest.raises(error, match=match):
     jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(3), training=training, **kwargs))(x)
+
+
+# Regression: relu of a -inf pre-activation returned NaN (0 * -inf) and negative ones -0.;
+# it shows with inf padding in masked-out entries, which are still normalized.
+PADDING = np.array([-np.inf, np.inf, np.nan, -3e38])
+
+
+def _padded(dtype=jnp.float32):
+  """(x, mask): 6 valid rows of 3 features, then 4 masked rows of padding values."""
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.standard_normal((6, 3)), np.repeat(PADDING[:, None], 3, 1)])
+  return jnp.asarray(x, dtype), jnp.asarray(np.arange(10) < 6)[:, None]
+
+
+# "inference" normalizes with the running statistics; "renorm" and "inplace" are the variants.
+PATHS = {
+    "fused": dict(implementation="fused"),
+    "reference": dict(implementation="reference"),
+    "inference": dict(training=False),
+    "renorm": dict(renorm=jaxbn.Renorm(r_max=1.5, d_max=0.5)),
+    "inplace": dict(inplace=True),
+}
+
+
+def _padded_step(path, activation, x, mask, scale, bias):
+  kwargs = dict(training=True, mask=mask, activation=activation, negative_slope=SLOPE)
+  kwargs.update(PATHS[path])
+  state = jaxbn.init_renorm_state(3) if "renorm" in kwargs else jaxbn.init_state(3)
+  return jaxbn.batch_norm(x, state, scale, bias, **kwargs)
+
+
+@pytest.mark.parametrize(("path", "activation"), [
+    (path, activation) for path in PATHS for activation in ("relu", "leaky_relu")
+    if not (path == "inplace" and activation == "relu")  # not invertible: refused
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_activations_of_infinite_and_nan_padding_follow_their_definition(path, activation, dtype):
+  x, mask = _padded(dtype)
+  scale, bias = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.1, -0.2, 0.3])
+  y, state = jax.jit(functools.partial(_padded_step, path, activation))(x, mask, scale, bias)
+  y = np.asarray(y, np.float32)
+  assert np.isfinite(y[:6]).all() and all(np.isfinite(v).all() for v in state[:2])
+  negative = 0.0 if activation == "relu" else -np.inf
+  np.testing.assert_array_equal(y[6], negative)  # act(-inf)
+  np.testing.assert_array_equal(y[7], np.inf)  # act(inf)
+  assert np.isnan(y[8]).all()  # act(nan)
+  if activation == "relu":
+    np.testing.assert_array_equal(np.signbit(y[6:8]), False)  # +0., never -0.
+    assert not np.signbit(y[:6][y[:6] == 0]).any()
+    np.testing.assert_array_equal(y[9], 0.0)
+
+
+@pytest.mark.parametrize("path", ["fused", "reference", "renorm"])
+def test_relu_gradients_with_minus_inf_padding_equal_those_with_finite_padding(path):
+  x, mask = _padded()
+  x = x[:8].at[7].set(-1e30)  # valid rows, then -inf and -1e30 padding
+  mask = mask[:8]
+  scale, bias = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.1, -0.2, 0.3])
+
+  def loss(x, scale, bias):
+    y, _ = _padded_step(path, "relu", x, mask, scale, bias)
+    return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 25.0).reshape(8, 3))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  got = grad(x, scale, bias)
+  want = grad(x.at[6].set(-1e30), scale, bias)  # a finite padding gives the same zeros
+  for g, w in zip(got, want, strict=True):
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got[0][6:], 0.0)
+  tangents = (jnp.ones_like(x).at[6].set(0.0), jnp.ones(3), jnp.ones(3))
+  assert np.isfinite(jax.jvp(loss, (x, scale, bias), tangents)[1])
