@@ -144,7 +144,8 @@ def _shifted_affine_act_jvp(activation, negative_slope, primals, tangents):
   dx, _, _, da, db, dresidual = tangents  # `stored` gives values; `shift` has no gradient.
   z = shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual)
   s = slope(activation, negative_slope)
-  du = _fused.tangent_sum((dx * a, _open_centered_product(s, z, stored, shift, da), db), stored.dtype)
+  terms = (dx * a, _open_centered_product(s, z, stored, shift, da), db)
+  du = _fused.tangent_sum(terms, stored.dtype)
   if residual is not None:
     # Added apart: a residual that is not differentiated has a constant tangent.
     du = du + dresidual.astype(du.dtype)
