@@ -633,7 +633,7 @@ def batch_norm(
 
     def correction(moments):
       mean, var = pooled(moments)
-      return _renorm.correction(renorm, state, mean, var, epsilon, expand)
+      return _renorm.correction(renorm, state, mean, var, epsilon, expand, moments.count > 0)
 
   groups = _ghost_groups(virtual_batch_size, x.shape, feature_axes)
   if residual is not None:

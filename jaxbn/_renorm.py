@@ -142,14 +142,19 @@ def _bound(value, count):
   return value(count) if callable(value) else value
 
 
-def correction(renorm: Renorm, state: RenormState, mean, var, epsilon, reshape):
-  """``(r, d)`` of the docstring, without gradient; ``reshape`` broadcasts the state's fields."""
+def correction(renorm: Renorm, state: RenormState, mean, var, epsilon, reshape, seen):
+  """``(r, d)`` of the docstring, without gradient; ``reshape`` broadcasts the state's fields.
+
+  A feature not ``seen`` in the batch (no valid entry; per ghost batch) is
+  normalized with the running statistics, as in inference: ``r = 1``, ``d = 0``.
+  """
   r_max = _bound(renorm.r_max, state.count)
   d_max = _bound(renorm.d_max, state.count)
   r_min = 1 / r_max if renorm.r_min is None else _bound(renorm.r_min, state.count)
   sigma = jnp.maximum(reshape(state.renorm_std), jnp.sqrt(jnp.asarray(epsilon, mean.dtype)))
   r = jnp.clip(jnp.sqrt(var + epsilon) / sigma, r_min, r_max)
   d = jnp.clip((mean - reshape(state.renorm_mean)) / sigma, -d_max, d_max)
+  r, d = jnp.where(seen, r, jnp.ones_like(r)), jnp.where(seen, d, jnp.zeros_like(d))
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 

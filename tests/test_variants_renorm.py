@@ -175,3 +175,31 @@ def test_bad_input(renorm, state, kwargs, error, match):
   with pytest.raises(error, match=match):
     jax.jit(lambda x: jaxbn.batch_norm(x, state, training=True, renorm=renorm, **kwargs))(
         jnp.ones((5, 3)))
+
+
+# Regression: a feature with no valid entry got r and d from the running statistics that
+# stand in for the batch's (r = sqrt(var + eps) / renorm_std): at the initial state y = x,
+# where inference gives x / sqrt(1 + eps).
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("virtual_batch_size", [None, 3])
+def test_a_feature_without_valid_entries_is_normalized_as_in_inference(
+    implementation, virtual_batch_size
+):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(2.0 + 3.0 * rng.standard_normal((6, 3)), jnp.float32)
+  mask = jnp.ones((6, 3), bool).at[:, 1].set(False)  # feature 1 is masked out everywhere
+  if virtual_batch_size:
+    mask = mask.at[3:, 2].set(False)  # feature 2 is masked out in the second ghost batch
+  state = init_renorm_state(3)._replace(
+      mean=jnp.asarray([0.5, -1.0, 0.2]), var=jnp.asarray([2.0, 4.0, 0.5]),
+      renorm_mean=jnp.asarray([0.3, 0.7, -0.4]), renorm_std=jnp.asarray([1.5, 0.6, 2.5]))
+  scale, bias = jnp.asarray([1.2, 0.8, 1.1]), jnp.asarray([0.1, -0.3, 0.2])
+  train, new_state = jaxbn.batch_norm(
+      x, state, scale, bias, training=True, mask=mask, renorm=Renorm(r_max=3.0, d_max=5.0),
+      virtual_batch_size=virtual_batch_size, implementation=implementation)
+  inference, _ = jaxbn.batch_norm(x, state, scale, bias, training=False)
+  assert_close(train[:, 1], np.asarray(inference[:, 1], np.float64), F32)
+  if virtual_batch_size:
+    assert_close(train[3:, 2], np.asarray(inference[3:, 2], np.float64), F32)
+  for field in FIELDS:  # the statistics of the unseen feature stay as they were
+    np.testing.assert_array_equal(getattr(new_state, field)[1], getattr(state, field)[1])
