@@ -31,12 +31,24 @@ def test_ci_runs_exactly_the_readme_test_command():
   assert any(install in line for line in ci)
 
 
-def test_training_loop_example_threads_the_state():
+# Regression: the example printed nothing, so a reader could not see that it learned.
+def test_training_loop_example_learns_and_says_so(capsys):
   namespace = {}
   exec(_python_blocks()[0], namespace)
-  state, pred, x = namespace["state"], namespace["pred"], namespace["x"]
-  assert int(state.count) == 200
-  # The running mean tracks the pre-normalization activations of the last batches.
+  state, pred, x, y = (namespace[k] for k in ("state", "pred", "x", "y"))
+  assert int(state.count) == 500
+  printed = capsys.readouterr().out.splitlines()
+  losses = [float(line.split()[-1]) for line in printed if "mean training loss" in line]
+  assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+  test_error, baseline = (float(v) for v in re.findall(r"[\d.]+", printed[-1])[-2:])
+  assert "test error" in printed[-1] and test_error < 0.5 * baseline
+  np.testing.assert_allclose(test_error, np.mean((np.asarray(pred) - np.asarray(y)) ** 2), 1e-3)
+  # The running mean tracks the pre-normalization activations of the data.
   h = np.asarray(x @ namespace["params"]["w"])
   np.testing.assert_allclose(state.mean, h.mean(0), atol=0.5 * h.std(0).max())
-  assert pred.shape == (64, 1) and np.isfinite(pred).all()
+
+
+def test_readme_says_what_the_training_loop_needs_installed():
+  text = README.read_text()
+  example = text[text.index("## A training loop"):text.index("```python")]
+  assert "optax" in example and '".[flax]"' in example
