@@ -85,21 +85,16 @@ def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
   return apply(y, activation, negative_slope)
 
 
-def normalize_and_apply(centered, rstd, scale, bias, residual, activation, negative_slope):
-  """``act((x - mean) * rstd * scale + bias + r)`` under plain autodiff, the textbook formula.
+def reference_apply(centered, a, b, residual, activation, negative_slope) -> jax.Array:
+  """``act(centered * a + b + r)`` under plain autodiff, with ``centered = x - K``.
 
-  ``centered`` is ``x - mean``. With relu, the entries whose output is 0 pass
-  ``centered = 0`` on (the double ``where`` of JAX's FAQ): their derivatives are
-  0, also where ``x`` is infinite, rather than ``0 * inf = NaN``.
+  With relu, the entries whose output is 0 pass ``centered = 0`` on (the
+  double ``where`` of JAX's FAQ): their derivatives are 0, also where ``x`` is
+  infinite, rather than ``0 * inf = NaN``.
   """
 
   def pre_activation(centered):
-    y = centered * rstd
-    if scale is not None:
-      y = y * scale
-    if bias is not None:
-      y = y + bias
-    return add_and_apply(y, residual, None, 0.0)
+    return add_and_apply(centered * a + b, residual, None, 0.0)
 
   u = pre_activation(centered)
   if slope(activation, negative_slope):

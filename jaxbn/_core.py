@@ -14,27 +14,42 @@ move towards them::
 ``momentum=0.1`` is our ``0.9``); ``update_running_stats`` also offers the
 zero-debiased and the cumulative average and PyTorch's unbiased variance.
 
-``batch_norm`` takes the variants as keywords: separate switches for the
-statistics used and their update, a fused activation and residual
-(``_activation``), the In-Place ABN backward (``_inplace``), Batch
-Renormalization (``_renorm``) and ghost batches.
+``batch_norm`` is written as the steps of the algorithm, in the order they
+happen, each a small function below it:
+
+1. ``_settings``: check the arguments and resolve the static settings once;
+2. ``_ghost_batch``: shape the batch (ghost batches become a kept group axis);
+3. ``_batch_moments``: the moments of this device's shard, then of all
+   devices, completed with the running statistics where a feature has no
+   valid entry;
+4. ``_coefficients``: the per-feature ``a, b`` of ``z = act((x - K) a + b + r)``,
+   with Batch Renormalization's correction (``_renormalized``);
+5. the apply, ``ops.shifted_affine`` of the chosen implementation
+   (``_implementations``); In-Place ABN (``_inplace``) takes steps 3-5 together,
+   since its backward pass recovers ``x`` from the output;
+6. ``_next_state``: the running averages (EMA, debiased, cumulative, renorm's),
+   skipping non-finite batches and keeping features the batch did not see.
+
+The implementation switch acts on the local pieces only (``_implementations``);
+a variant changes one step: renorm the coefficients, ghost batches the shape,
+the averagings the next state, the activation and residual the apply.
 """
 
 import functools
+import math
 import warnings
 from numbers import Real
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _activation, _fused, _inplace, _renorm, _stats, _validation
+from jaxbn import _activation, _implementations, _inplace, _renorm, _stats, _validation
+from jaxbn._implementations import IMPLEMENTATIONS as IMPLEMENTATIONS
+from jaxbn._implementations import Implementation, LocalOps
 from jaxbn._state import BatchNormState
-
-Implementation = Literal["fused", "reference"]
-IMPLEMENTATIONS = ("fused", "reference")
 
 
 def _broadcastable(value, ndim: int, feature_axes: tuple[int, ...], dtype):
@@ -100,11 +115,11 @@ def normalize(
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_per_feature(mean, feature_shape, "mean", required=True)
   _validation.check_per_feature(var, feature_shape, "var", required=True)
-  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon)
+  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon, _implementations.FUSED)
 
 
 def _normalize(
-    x, feature_axes, mean, var, scale, bias, epsilon, activation=None, negative_slope=0.0,
+    x, feature_axes, mean, var, scale, bias, epsilon, ops, activation=None, negative_slope=0.0,
     residual=None,
 ) -> jax.Array:
   """``act(normalize(x) + residual)`` without the checks, in the dtype of ``x``.
@@ -124,11 +139,7 @@ def _normalize(
   b = -(mean - shift) * a
   if bias is not None:
     b = b + bias
-  if activation is None and residual is None:
-    return _fused.shifted_affine(x.astype(dtype), x, shift, a, b)
-  return _activation.shifted_affine_act(
-      activation, negative_slope, x.astype(dtype), x, shift, a, b, residual
-  )
+  return ops.shifted_affine(x.astype(dtype), x, shift, a, b, residual, activation, negative_slope)
 
 
 Averaging = Literal["ema", "debiased_ema", "cumulative"]
@@ -277,167 +288,6 @@ def _update_running_stats(
   )
 
 
-def _with_running_stats_where_empty(moments, mean, var):
-  """``moments`` with the running ``mean`` and ``var`` for the features without a valid entry.
-
-  With a mask (or devices without data) a feature may have no valid entry in
-  the batch, and no batch statistics; it is normalized with the running ones,
-  which it then leaves as they are (see ``_keep_unseen``). ``count`` stays 0.
-  """
-  empty = moments.count == 0
-  return moments._replace(
-      delta=jnp.where(empty, mean - moments.shift, moments.delta),
-      m2=jnp.where(empty, var, moments.m2),
-  )
-
-
-def _keep_unseen(new_state, state, seen):
-  """``new_state`` for the features ``seen`` in the batch, ``state`` for the others."""
-  return new_state._replace(**{
-      name: jnp.where(seen, getattr(new_state, name), getattr(state, name))
-      for name in state._fields
-      if name != "count"
-  })
-
-
-def _skip_nonfinite(new_state, state, batch):
-  """``new_state`` if ``batch.mean`` and ``batch.var`` are all finite, else ``state``."""
-  finite = jnp.all(jnp.isfinite(batch.mean)) & jnp.all(jnp.isfinite(batch.var))
-  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-
-
-def _coefficients(moments, scale, bias, epsilon):
-  """``(a, b)`` with ``y = (x - K) a + b``: ``a = scale * rstd``, ``b = bias - (mean - K) a``."""
-  rstd = lax.rsqrt(moments.var + epsilon)
-  a = rstd if scale is None else rstd * scale
-  b = -moments.delta * a
-  if bias is not None:
-    b = b + bias
-  return a, b
-
-
-def _normalize_with_batch_stats(
-    x,
-    feature_axes,
-    scale,
-    bias,
-    epsilon,
-    mask,
-    axis_name,
-    axis_index_groups,
-    implementation,
-    activation,
-    negative_slope,
-    residual,
-    inplace,
-    correction,
-    complete,
-):
-  """Returns ``(act(y + residual), moments)`` with the moments of the (global) batch.
-
-  ``x`` is the caller's array; the fused path reads it as stored (see ``_fused``).
-  ``scale`` and ``bias`` broadcast against ``x``. ``correction`` is ``None`` or
-  ``moments -> (r, d)`` of batch renormalization, which turns ``scale`` into
-  ``r * scale`` and ``bias`` into ``d * scale + bias``. ``complete`` maps the
-  batch's moments to those that normalize (see ``_with_running_stats_where_empty``).
-  """
-  stored, x = x, x.astype(_stats.compute_dtype(x.dtype))
-
-  def affine(moments):
-    if correction is None:
-      return scale, bias
-    r, d = correction(moments)
-    return (r if scale is None else r * scale), (
-        (d if scale is None else d * scale) + (0 if bias is None else bias)
-    )
-
-  def coefficients(moments):
-    return _coefficients(moments, *affine(moments), epsilon)
-
-  if inplace:
-    z, moments = _inplace.normalize_with_batch_stats(
-        x,
-        stored,
-        feature_axes,
-        lambda moments: coefficients(complete(moments)),
-        mask,
-        axis_name,
-        axis_index_groups,
-        activation,
-        negative_slope,
-        residual,
-    )
-    return z, complete(moments)
-  moments = complete(
-      _stats.global_moments(
-          stored if implementation == "fused" else x,
-          feature_axes,
-          mask,
-          axis_name,
-          axis_index_groups,
-          implementation=implementation,
-      )
-  )
-  if implementation == "reference":
-    scale, bias = affine(moments)
-    centered = x - moments.shift - moments.delta  # = x - mean, unrounded
-    y = _activation.normalize_and_apply(
-        centered, lax.rsqrt(moments.var + epsilon), scale, bias, residual, activation,
-        negative_slope,
-    )
-  else:
-    a, b = coefficients(moments)
-    if activation is None and residual is None:
-      y = _fused.shifted_affine(x, stored, moments.shift, a, b)
-    else:
-      y = _activation.shifted_affine_act(
-          activation, negative_slope, x, stored, moments.shift, a, b, residual
-      )
-  return y, moments
-
-
-def _ghost_groups(virtual_batch_size, shape, feature_axes) -> int | None:
-  """The number of ghost batches along axis 0, or None; checks ``virtual_batch_size``."""
-  if virtual_batch_size is None:
-    return None
-  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-    raise TypeError(
-        f"`virtual_batch_size` must be a Python int or None, got {virtual_batch_size!r}."
-    )
-  if 0 in feature_axes:
-    raise ValueError(
-        f"`virtual_batch_size` splits axis 0, the batch axis, but `axis` makes axis 0 a "
-        f"feature axis (feature axes {feature_axes} of an input of shape {shape})."
-    )
-  if virtual_batch_size < 1 or shape[0] % virtual_batch_size:
-    raise ValueError(
-        f"`virtual_batch_size`={virtual_batch_size} must be a positive divisor of the "
-        f"batch size {shape[0]} (axis 0 of `x` with shape {shape}); pick another size, "
-        "or pad or drop examples to a multiple of it."
-    )
-  return shape[0] // virtual_batch_size
-
-
-def _resolve_switches(training, use_batch_stats, update_stats) -> tuple[bool, bool]:
-  """``(use_batch_stats, update_stats)``, each defaulting to ``training``."""
-  if not isinstance(training, bool | jnp.bool_):
-    raise TypeError(
-        f"`training` must be a Python bool, got {training!r}; it selects the "
-        "computation at trace time, so pass it as a static argument under jit."
-    )
-  switches = []
-  for name, value in (("use_batch_stats", use_batch_stats), ("update_stats", update_stats)):
-    if value is None:
-      value = bool(training)
-    elif not isinstance(value, bool | jnp.bool_):
-      raise TypeError(
-          f"`{name}` must be a Python bool or None (then it follows `training`), got "
-          f"{value!r}; pass it as a static argument under jit."
-      )
-    switches.append(bool(value))
-  return switches[0], switches[1]
-
-
 def batch_norm(
     x: ArrayLike,
     state: BatchNormState,
@@ -548,7 +398,8 @@ def batch_norm(
       take their statistics separately.
     implementation: ``"fused"`` (default) differentiates with custom rules that
       keep only ``x`` and per-feature values for the backward pass;
-      ``"reference"`` is the textbook formula under plain autodiff.
+      ``"reference"`` computes the same pieces under plain autodiff (see
+      ``_implementations``).
     use_batch_stats: Python bool overriding ``training`` for the statistics
       that normalize ``x``.
     update_stats: Python bool overriding ``training`` for the update of the
@@ -606,23 +457,78 @@ def batch_norm(
     >>> same is state
     True
   """
+  settings = _settings(
+      x, state, scale, bias, training=training, axis=axis, momentum=momentum, epsilon=epsilon,
+      mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      implementation=implementation, use_batch_stats=use_batch_stats,
+      update_stats=update_stats, averaging=averaging, unbiased_var=unbiased_var,
+      skip_nonfinite=skip_nonfinite, activation=activation, negative_slope=negative_slope,
+      residual=residual, inplace=inplace, renorm=renorm, virtual_batch_size=virtual_batch_size,
+  )
+  x = jnp.asarray(x)
+  if residual is not None:
+    residual = jnp.asarray(residual)  # cast where it is read, so no copy is kept.
+  if not (settings.use_batch_stats or settings.update_stats):
+    return _normalize_with_running_stats(x, state, scale, bias, epsilon, residual, settings), state
+  batch = _ghost_batch(x, mask, residual, settings)
+  if settings.use_batch_stats:
+    y, moments = _normalize_with_batch_stats(batch, state, scale, bias, epsilon, renorm, settings)
+    y = y.reshape(x.shape)
+  else:  # calibration: normalize with the running statistics, update them with the batch's
+    y = _normalize_with_running_stats(x, state, scale, bias, epsilon, residual, settings)
+    moments = _batch_moments(lax.stop_gradient(batch.x), batch, state, settings)
+  new_state = state
+  if settings.update_stats:
+    new_state = _next_state(state, moments, batch, settings, momentum, epsilon, renorm)
+  return y.astype(x.dtype), new_state
+
+
+# 1. Settings: everything static about a call, checked once while tracing.
+
+
+class _Settings(NamedTuple):
+  """The static settings of one ``batch_norm`` call: Python values, resolved and checked.
+
+  Arrays (``x``, ``state``, ``scale``, ``bias``, ``mask``, ``residual``) and the
+  values that may be traced (``momentum``, ``epsilon``, ``renorm``'s bounds)
+  travel apart.
+  """
+
+  feature_axes: tuple[int, ...]  # the axes of x that the statistics keep, sorted
+  use_batch_stats: bool  # normalize with the batch statistics (else the running ones)
+  update_stats: bool  # return updated running statistics
+  ops: LocalOps  # the implementation of the local pieces
+  activation: _activation.Activation
+  negative_slope: float
+  inplace: bool  # In-Place ABN's backward pass
+  averaging: Averaging
+  unbiased_var: bool
+  skip_nonfinite: bool
+  renorm: bool  # Batch Renormalization (its settings travel as `renorm`)
+  groups: int | None  # the number of ghost batches along axis 0
+  axis_name: Any
+  axis_index_groups: Any
+
+
+def _settings(
+    x, state, scale, bias, *, training, axis, momentum, epsilon, mask, axis_name,
+    axis_index_groups, implementation, use_batch_stats, update_stats, averaging, unbiased_var,
+    skip_nonfinite, activation, negative_slope, residual, inplace, renorm, virtual_batch_size,
+) -> _Settings:
+  """Checks the arguments of ``batch_norm`` (see its Raises) and resolves its settings."""
   use_batch_stats, update_stats = _resolve_switches(training, use_batch_stats, update_stats)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
+  ops = _implementations.resolve(implementation)
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_state(state, feature_shape)
   _validation.check_mask(mask, x.shape)
   _validation.check_fraction(momentum, "momentum", 0.0, 1.0)
   if update_stats:
-    _check_averaging(momentum, averaging, unbiased_var, True, skip_nonfinite, stacklevel=3)
+    _check_averaging(momentum, averaging, unbiased_var, True, skip_nonfinite, stacklevel=4)
   _activation.check(activation, negative_slope, residual, x.shape)
   if not isinstance(inplace, bool):
     raise TypeError(f"`inplace` must be a Python bool, got {inplace!r}.")
   if inplace:
     _inplace.check(activation, negative_slope, implementation)
-  correction = None
   if renorm is not None:
     _renorm.check(renorm, state)
     if averaging != "ema" or unbiased_var:
@@ -630,110 +536,255 @@ def batch_norm(
           "batch renormalization keeps Keras's moving averages: `averaging` must be 'ema' "
           f"and `unbiased_var` False, got {averaging!r} and {unbiased_var}."
       )
-
-    def correction(moments):
-      mean, var = pooled(moments)
-      return _renorm.correction(renorm, state, mean, var, epsilon, expand, moments.count > 0)
-
   groups = _ghost_groups(virtual_batch_size, x.shape, feature_axes)
-  if residual is not None:
-    residual = jnp.asarray(residual)  # cast where it is read, so no copy is kept.
-
-  def normalize_with_running_stats():
-    return _normalize(
-        x, feature_axes, state.mean, state.var, scale, bias, epsilon, activation,
-        negative_slope, residual,
+  if use_batch_stats or update_stats:
+    _check_values_per_feature(
+        x.shape, axis, feature_shape, groups, mask, axis_name, virtual_batch_size
     )
-
-  if not (use_batch_stats or update_stats):
-    return normalize_with_running_stats(), state
-  # Ghost batches: (N, ...) -> (G, N / G, ...); the statistics keep the group axis 0.
-  stats_x, stats_mask, stats_residual = x, mask, residual
-  stats_axes = param_axes = feature_axes
-  if groups is not None:
-    stats_x = x.reshape((groups, -1) + x.shape[1:])
-    param_axes = tuple(a + 1 for a in feature_axes)
-    stats_axes = (0,) + param_axes
-    if mask is not None:
-      stats_mask = jnp.broadcast_to(mask, x.shape).reshape(stats_x.shape)
-    if residual is not None:
-      stats_residual = residual.reshape(stats_x.shape)
-  compute_dtype = _stats.compute_dtype(x.dtype)
-  expand = functools.partial(
-      _broadcastable, ndim=stats_x.ndim, feature_axes=param_axes, dtype=compute_dtype
+  return _Settings(
+      feature_axes, use_batch_stats, update_stats, ops, activation, negative_slope, inplace,
+      averaging, unbiased_var, skip_nonfinite, renorm is not None, groups, axis_name,
+      axis_index_groups,
   )
 
-  def pooled(moments, unbiased=False):
-    """The batch ``(mean, var)`` of the update: with ghost batches, the groups' averages."""
-    mean, var = moments.mean, moments.var
-    if unbiased:
-      var = var * moments.count / jnp.maximum(moments.count - 1, 1)
-    if groups is not None:
-      mean, var = jnp.mean(mean, 0, keepdims=True), jnp.mean(var, 0, keepdims=True)
-    return mean, var
 
-  def complete(moments):
-    if mask is None and axis_name is None:  # every feature has entries
-      return moments
-    return _with_running_stats_where_empty(moments, expand(state.mean), expand(state.var))
+def _resolve_switches(training, use_batch_stats, update_stats) -> tuple[bool, bool]:
+  """``(use_batch_stats, update_stats)``, each defaulting to ``training``."""
+  if not isinstance(training, bool | jnp.bool_):
+    raise TypeError(
+        f"`training` must be a Python bool, got {training!r}; it selects the "
+        "computation at trace time, so pass it as a static argument under jit."
+    )
+  switches = []
+  for name, value in (("use_batch_stats", use_batch_stats), ("update_stats", update_stats)):
+    if value is None:
+      value = bool(training)
+    elif not isinstance(value, bool | jnp.bool_):
+      raise TypeError(
+          f"`{name}` must be a Python bool or None (then it follows `training`), got "
+          f"{value!r}; pass it as a static argument under jit."
+      )
+    switches.append(bool(value))
+  return switches[0], switches[1]
 
-  entries_per_feature = stats_x.size // max(1, jnp.size(state.mean) * (groups or 1))
+
+def _ghost_groups(virtual_batch_size, shape, feature_axes) -> int | None:
+  """The number of ghost batches along axis 0, or None; checks ``virtual_batch_size``."""
+  if virtual_batch_size is None:
+    return None
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+    raise TypeError(
+        f"`virtual_batch_size` must be a Python int or None, got {virtual_batch_size!r}."
+    )
+  if 0 in feature_axes:
+    raise ValueError(
+        f"`virtual_batch_size` splits axis 0, the batch axis, but `axis` makes axis 0 a "
+        f"feature axis (feature axes {feature_axes} of an input of shape {shape})."
+    )
+  if virtual_batch_size < 1 or shape[0] % virtual_batch_size:
+    raise ValueError(
+        f"`virtual_batch_size`={virtual_batch_size} must be a positive divisor of the "
+        f"batch size {shape[0]} (axis 0 of `x` with shape {shape}); pick another size, "
+        "or pad or drop examples to a multiple of it."
+    )
+  return shape[0] // virtual_batch_size
+
+
+def _check_values_per_feature(
+    shape, axis, feature_shape, groups, mask, axis_name, virtual_batch_size
+):
+  """Batch statistics need more than one value per feature (else the variance is 0)."""
+  entries_per_feature = math.prod(shape) // max(1, math.prod(feature_shape) * (groups or 1))
   # A symbolic batch size (jax.export) may be anything at run time: no check then.
   concrete = not jax.export.is_symbolic_dim(entries_per_feature)
   if axis_name is None and mask is None and concrete and entries_per_feature <= 1:
     raise ValueError(
         f"batch norm with batch statistics needs more than one value per feature, but `x` "
-        f"of shape {x.shape} with `axis`={axis!r}"
-        f"{'' if groups is None else f' in virtual batches of {virtual_batch_size}'} has "
-        f"{'a single one' if entries_per_feature else 'none'} (its variance would be 0); "
+        f"of shape {shape} with `axis`={axis!r}"
+        f"{'' if virtual_batch_size is None else f' in virtual batches of {virtual_batch_size}'}"
+        f" has {'a single one' if entries_per_feature else 'none'} (its variance would be 0); "
         "use a larger batch, `training=False`, or `axis_name` to take statistics across "
         "devices."
     )
-  if use_batch_stats:
-    y, moments = _normalize_with_batch_stats(
-        stats_x,
-        stats_axes,
-        expand(scale),
-        expand(bias),
-        epsilon,
-        stats_mask,
-        axis_name,
-        axis_index_groups,
-        implementation,
-        activation,
-        negative_slope,
-        stats_residual,
-        inplace,
-        correction,
-        complete,
+
+
+# 2. The batch as the statistics see it.
+
+
+class _Batch(NamedTuple):
+  """``x``, ``mask`` and ``residual`` as the statistics see them.
+
+  With ghost batches ``(N, ...)`` becomes ``(G, N / G, ...)``, and the
+  statistics keep the group axis 0 besides the feature axes.
+  """
+
+  x: jax.Array  # the caller's array (its dtype), reshaped
+  mask: jax.Array | None
+  residual: jax.Array | None
+  feature_axes: tuple[int, ...]  # the axes the statistics keep (the group axis included)
+  param_axes: tuple[int, ...]  # the axes of x that scale, bias and the state span
+
+  def expand(self, value, dtype):
+    """A feature-shaped ``value`` (or None) in ``dtype``, broadcastable against ``x``."""
+    return _broadcastable(value, self.x.ndim, self.param_axes, dtype)
+
+
+def _ghost_batch(x, mask, residual, settings: _Settings) -> _Batch:
+  """The batch, cut into ``settings.groups`` contiguous ghost batches along axis 0 if any."""
+  if settings.groups is None:
+    return _Batch(x, mask, residual, settings.feature_axes, settings.feature_axes)
+  shape = (settings.groups, -1) + x.shape[1:]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape).reshape(shape)
+  if residual is not None:
+    residual = residual.reshape(shape)
+  param_axes = tuple(a + 1 for a in settings.feature_axes)
+  return _Batch(x.reshape(shape), mask, residual, (0,) + param_axes, param_axes)
+
+
+# 3. The moments of the batch.
+
+
+def _batch_moments(x, batch: _Batch, state, settings: _Settings) -> _stats.Moments:
+  """The moments of the whole batch: this device's shard, then every device's (``_stats``).
+
+  ``x`` is ``batch.x`` (read as stored), or its ``stop_gradient``.
+  """
+  moments = _stats.global_moments(
+      x, batch.feature_axes, batch.mask, settings.axis_name, settings.axis_index_groups,
+      ops=settings.ops,
+  )
+  return _complete(moments, batch, state, settings)
+
+
+def _complete(moments, batch: _Batch, state, settings: _Settings) -> _stats.Moments:
+  """``moments`` with the running ``mean`` and ``var`` for the features without a valid entry.
+
+  With a mask (or devices without data) a feature may have no valid entry in
+  the batch, and no batch statistics; it is normalized with the running ones,
+  which it then leaves as they are (see ``_keep_unseen``). ``count`` stays 0.
+  """
+  if batch.mask is None and settings.axis_name is None:  # every feature has entries
+    return moments
+  dtype = moments.m2.dtype
+  mean, var = batch.expand(state.mean, dtype), batch.expand(state.var, dtype)
+  empty = moments.count == 0
+  return moments._replace(
+      delta=jnp.where(empty, mean - moments.shift, moments.delta),
+      m2=jnp.where(empty, var, moments.m2),
+  )
+
+
+# 4. The per-feature coefficients.
+
+
+def _coefficients(moments, scale, bias, epsilon):
+  """``(a, b)`` with ``y = (x - K) a + b``: ``a = scale * rstd``, ``b = bias - (mean - K) a``."""
+  rstd = lax.rsqrt(moments.var + epsilon)
+  a = rstd if scale is None else rstd * scale
+  b = -moments.delta * a
+  if bias is not None:
+    b = b + bias
+  return a, b
+
+
+def _batch_coefficients(moments, scale, bias, batch: _Batch, state, epsilon, renorm, settings):
+  """``(a, b)`` of the batch's moments; with renorm, of Batch Renormalization's affine map."""
+  if settings.renorm:
+    scale, bias = _renormalized(scale, bias, moments, batch, state, epsilon, renorm, settings)
+  return _coefficients(moments, scale, bias, epsilon)
+
+
+def _renormalized(scale, bias, moments, batch: _Batch, state, epsilon, renorm, settings):
+  """Batch Renormalization's ``(r scale, d scale + bias)`` (see ``_renorm``)."""
+  mean, var = _pooled(moments, settings.groups)
+  expand = functools.partial(batch.expand, dtype=mean.dtype)
+  r, d = _renorm.correction(renorm, state, mean, var, epsilon, expand, moments.count > 0)
+  return (r if scale is None else r * scale), (
+      (d if scale is None else d * scale) + (0 if bias is None else bias)
+  )
+
+
+def _pooled(moments, groups, unbiased=False):
+  """The batch ``(mean, var)`` of renorm and the running averages (ghost batches: averaged)."""
+  mean, var = moments.mean, moments.var
+  if unbiased:
+    var = var * moments.count / jnp.maximum(moments.count - 1, 1)
+  if groups is not None:
+    mean, var = jnp.mean(mean, 0, keepdims=True), jnp.mean(var, 0, keepdims=True)
+  return mean, var
+
+
+# 5. Apply: z = act((x - K) a + b + r).
+
+
+def _normalize_with_running_stats(x, state, scale, bias, epsilon, residual, settings) -> jax.Array:
+  return _normalize(
+      x, settings.feature_axes, state.mean, state.var, scale, bias, epsilon, settings.ops,
+      settings.activation, settings.negative_slope, residual,
+  )
+
+
+def _normalize_with_batch_stats(batch: _Batch, state, scale, bias, epsilon, renorm, settings):
+  """``(z, moments)``: steps 3 to 5, with the moments of the (global) batch."""
+  dtype = _stats.compute_dtype(batch.x.dtype)
+  x = batch.x.astype(dtype)
+  coefficients = functools.partial(
+      _batch_coefficients, scale=batch.expand(scale, dtype), bias=batch.expand(bias, dtype),
+      batch=batch, state=state, epsilon=epsilon, renorm=renorm, settings=settings,
+  )
+  if settings.inplace:
+    z, moments = _inplace.normalize_with_batch_stats(
+        x, batch.x, batch.feature_axes,
+        lambda moments: coefficients(_complete(moments, batch, state, settings)),
+        batch.mask, settings.axis_name, settings.axis_index_groups, settings.activation,
+        settings.negative_slope, batch.residual,
     )
-    y = y.reshape(x.shape)
-  else:
-    y = normalize_with_running_stats()
-    moments = complete(
-        _stats.global_moments(
-            lax.stop_gradient(stats_x),  # read as stored, as in `batch_stats`
-            stats_axes,
-            stats_mask,
-            axis_name,
-            axis_index_groups,
-            implementation=implementation,
-        )
-    )
-  new_state = state
-  if update_stats and renorm is not None:
-    mean, var = pooled(moments)
+    return z, _complete(moments, batch, state, settings)
+  moments = _batch_moments(batch.x, batch, state, settings)
+  a, b = coefficients(moments)
+  z = settings.ops.shifted_affine(
+      x, batch.x, moments.shift, a, b, batch.residual, settings.activation,
+      settings.negative_slope,
+  )
+  return z, moments
+
+
+# 6. The running statistics after this batch.
+
+
+def _next_state(state, moments, batch: _Batch, settings: _Settings, momentum, epsilon, renorm):
+  """The running averages moved towards the batch's statistics (``update_running_stats``)."""
+  if settings.renorm:
+    mean, var = _pooled(moments, settings.groups)
     new_state = _renorm.update(renorm, state, mean, var, momentum, epsilon)
-    if skip_nonfinite:
+    if settings.skip_nonfinite:
       new_state = _skip_nonfinite(new_state, state, BatchNormState(mean, var, None))
-  elif update_stats:
-    mean, var = pooled(moments, unbiased_var)
+  else:
+    mean, var = _pooled(moments, settings.groups, settings.unbiased_var)
     new_state = _update_running_stats(
-        state, mean, var, momentum, averaging, False, None, skip_nonfinite
+        state, mean, var, momentum, settings.averaging, False, None, settings.skip_nonfinite
     )
-  if update_stats and (mask is not None or axis_name is not None):
-    seen = moments.count > 0
-    if groups is not None:
-      seen = jnp.any(seen, 0)
-    new_state = _keep_unseen(new_state, state, seen.reshape(jnp.shape(state.mean)))
-  return y.astype(x.dtype), new_state
+  if batch.mask is None and settings.axis_name is None:  # every feature was seen
+    return new_state
+  seen = moments.count > 0
+  if settings.groups is not None:
+    seen = jnp.any(seen, 0)
+  return _keep_unseen(new_state, state, seen.reshape(jnp.shape(state.mean)))
+
+
+def _keep_unseen(new_state, state, seen):
+  """``new_state`` for the features ``seen`` in the batch, ``state`` for the others."""
+  return new_state._replace(**{
+      name: jnp.where(seen, getattr(new_state, name), getattr(state, name))
+      for name in state._fields
+      if name != "count"
+  })
+
+
+def _skip_nonfinite(new_state, state, batch):
+  """``new_state`` if ``batch.mean`` and ``batch.var`` are all finite, else ``state``."""
+  finite = jnp.all(jnp.isfinite(batch.mean)) & jnp.all(jnp.isfinite(batch.var))
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+

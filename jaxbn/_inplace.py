@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _activation, _fused, _stats
+from jaxbn import _activation, _fused, _implementations, _stats
 
 
 def check(activation, negative_slope, implementation) -> None:
@@ -175,7 +175,7 @@ def normalize_with_batch_stats(
   """
   s = _activation.slope(activation, negative_slope)
   axes = _stats.reduction_axes(x.ndim, feature_axes)
-  local = _stats.local_moments(lax.stop_gradient(x), axes, mask, implementation="reference")
+  local = _stats.local_moments(lax.stop_gradient(x), axes, mask, ops=_implementations.REFERENCE)
   moments0 = _stats.all_reduce_moments(local, axis_name, axis_index_groups)
   a0, b0 = (lax.stop_gradient(v) for v in coefficients(moments0))
   shift = moments0.shift

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _stats, _validation
+from jaxbn import _implementations, _stats, _validation
 
 _validation.require("flax", extra="flax", user="jaxbn.recompute_stats")
 
@@ -69,7 +69,7 @@ def _moments_of(module: nn.BatchNorm, x, mask) -> tuple[jax.Array, jax.Array, ja
   feature_axes = _validation.canonicalize_axes(module.axis, x.ndim)
   axes = _stats.reduction_axes(x.ndim, feature_axes)
   moments = _stats.local_moments(
-      x.astype(_stats.compute_dtype(x.dtype)), axes, mask, implementation="reference"
+      x.astype(_stats.compute_dtype(x.dtype)), axes, mask, ops=_implementations.REFERENCE
   )
   shape = _stats.feature_shape(x.shape, feature_axes)
   count = jnp.broadcast_to(moments.count, moments.m2.shape)

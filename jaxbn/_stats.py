@@ -22,7 +22,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxbn import _fused, _validation
+from jaxbn import _implementations, _validation
+from jaxbn._implementations import LocalOps
 
 AxisName = Any  # a hashable axis name, or a tuple of them.
 
@@ -90,9 +91,7 @@ def _replicated_along(value: jax.Array, axes: tuple[int, ...], mesh) -> jax.Arra
   return lax.with_sharding_constraint(value, jax.NamedSharding(mesh, spec))
 
 
-def local_moments(
-    x: jax.Array, axes: tuple[int, ...], mask, *, implementation: str
-) -> Moments:
+def local_moments(x: jax.Array, axes: tuple[int, ...], mask, *, ops: LocalOps) -> Moments:
   """Moments of ``x`` on this device.
 
   Args:
@@ -100,18 +99,14 @@ def local_moments(
       half-precision ``x`` as it is, converting in registers).
     axes: the reduction axes.
     mask: ``None`` or a boolean array broadcastable to ``x``.
-    implementation: ``"fused"`` differentiates the sums with a custom rule that
-      keeps only ``x`` as residual; ``"reference"`` uses plain autodiff.
+    ops: the implementation of the shifted sums and their derivatives.
 
   Returns:
     ``Moments`` with size-1 reduction axes, in the compute dtype.
   """
   stored, x = x, x.astype(compute_dtype(x.dtype))
   shift = _first_valid_sample(stored, axes, mask).astype(x.dtype)
-  if implementation == "fused":
-    s1, s2 = _fused.shifted_sums(axes, x, stored, shift, mask)
-  else:
-    s1, s2 = _fused.shifted_sums_reference(axes, x, shift, mask)
+  s1, s2 = ops.shifted_sums(axes, x, stored, shift, mask)
   if mask is None:
     count = jnp.full(s1.shape, x.size // s1.size, x.dtype)
   else:
@@ -209,7 +204,7 @@ def _explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
   return tuple(n for i, entry in enumerate(spec) if i in axes for n in _names(entry))
 
 
-def _sharded_moments(x, axes, mask, mesh_axes, *, implementation) -> Moments:
+def _sharded_moments(x, axes, mask, mesh_axes, *, ops) -> Moments:
   """Moments of an explicitly sharded ``x``: per shard, then one collective.
 
   Under ``jit`` the shift ``K`` of the whole array would be a sample held by one
@@ -230,7 +225,7 @@ def _sharded_moments(x, axes, mask, mesh_axes, *, implementation) -> Moments:
     mask_spec = None
 
   def shard_moments(x, mask):
-    local = local_moments(x, axes, mask, implementation=implementation)
+    local = local_moments(x, axes, mask, ops=ops)
     return all_reduce_moments(local, mesh_axes, None)
 
   return jax.shard_map(
@@ -307,20 +302,18 @@ def batch_stats(
       mask,
       axis_name,
       axis_index_groups,
-      implementation="fused",
+      ops=_implementations.FUSED,
   )
   shape = feature_shape(x.shape, feature_axes)
   return moments.mean.reshape(shape), moments.var.reshape(shape)
 
 
-def global_moments(
-    x, feature_axes, mask, axis_name, axis_index_groups, *, implementation
-) -> Moments:
+def global_moments(x, feature_axes, mask, axis_name, axis_index_groups, *, ops) -> Moments:
   """Moments over the whole batch: all shards of ``x`` and all devices along ``axis_name``."""
   axes = reduction_axes(x.ndim, feature_axes)
   mesh_axes = _explicit_mesh_axes(x, axes)
   if mesh_axes:
-    moments = _sharded_moments(x, axes, mask, mesh_axes, implementation=implementation)
+    moments = _sharded_moments(x, axes, mask, mesh_axes, ops=ops)
   else:
-    moments = local_moments(x, axes, mask, implementation=implementation)
+    moments = local_moments(x, axes, mask, ops=ops)
   return all_reduce_moments(moments, axis_name, axis_index_groups)

@@ -1,0 +1,82 @@
+"""The two local pieces of batch norm, and the implementations that compute them.
+
+Everything ``batch_norm`` does on arrays of the size of ``x`` comes down to
+two local pieces, computed on one device's shard (``K``, ``a`` and ``b`` per
+feature, broadcast against ``x``; ``m`` an optional mask)::
+
+    shifted_sums:    S1 = sum m (x - K)    S2 = sum m (x - K)^2
+    shifted_affine:  z = act((x - K) a + b + r)
+
+The rest (the cross-device combine, the moments, the per-feature
+coefficients, the running averages) is O(C) plain JAX, shared by every
+implementation. An implementation is a ``LocalOps``: the two pieces with the
+same signatures, and their differentiation rules.
+
+* ``"reference"``: the formulas under plain autodiff.
+* ``"fused"``: XLA's fusion with custom rules that keep only ``x`` and O(C)
+  values for the backward pass (``_fused``, ``_activation``).
+
+``resolve`` is the one place that turns the ``implementation`` argument into
+a ``LocalOps``; the contract tests run every implementation.
+"""
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+from jaxbn import _activation, _fused
+
+Implementation = Literal["fused", "reference"]
+IMPLEMENTATIONS = ("fused", "reference")
+
+
+class LocalOps(NamedTuple):
+  """One implementation of the local pieces.
+
+  Both take ``x`` twice: ``x`` in the compute dtype (at least float32), whose
+  derivatives they follow, and ``stored``, the caller's array with the same
+  values, which they read (a half-precision input is then read as stored and
+  converted in registers; see ``_fused``).
+  """
+
+  name: str
+  # (axes, x, stored, shift, mask) -> (S1, S2), with size-1 reduction axes.
+  shifted_sums: Callable
+  # (x, stored, shift, a, b, residual, activation, negative_slope) -> z in stored's dtype.
+  shifted_affine: Callable
+
+
+def _reference_sums(axes, x, stored, shift, mask):
+  del stored
+  return _fused.shifted_sums_reference(axes, x, shift, mask)
+
+
+def _reference_affine(x, stored, shift, a, b, residual, activation, negative_slope):
+  return _activation.reference_apply(
+      x - shift, a, b, residual, activation, negative_slope
+  ).astype(stored.dtype)
+
+
+def _fused_affine(x, stored, shift, a, b, residual, activation, negative_slope):
+  if activation is None and residual is None:
+    return _fused.shifted_affine(x, stored, shift, a, b)
+  return _activation.shifted_affine_act(
+      activation, negative_slope, x, stored, shift, a, b, residual
+  )
+
+
+REFERENCE = LocalOps("reference", _reference_sums, _reference_affine)
+FUSED = LocalOps("fused", _fused.shifted_sums, _fused_affine)
+_BY_NAME = {ops.name: ops for ops in (FUSED, REFERENCE)}
+
+
+def resolve(implementation: Implementation) -> LocalOps:
+  """The ``LocalOps`` of an ``implementation`` argument.
+
+  Raises:
+    ValueError: if ``implementation`` is not one of ``IMPLEMENTATIONS``.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  return _BY_NAME[implementation]
