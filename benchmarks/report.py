@@ -232,6 +232,7 @@ _MANTISSAS = (
     (1,),
 )
 MAX_TICKS = 7
+_FOOTER_INCHES = 0.9  # below the panels: the legend, and what "ideal" is
 # A bar more than this many times the median of its panel is clipped and labeled.
 OUTLIER = 4.0
 IDEAL_NOTE = (
@@ -310,10 +311,11 @@ def figure(doc: dict):
   present = {r["contender"] for r in doc["results"]} - {"ideal"}
   names = [c for c in CONTENDERS if c in present]
   shapes = len({tuple(r["shape"]) for r in doc["results"]})
+  height = 4.0 * len(dtypes) + _FOOTER_INCHES
   fig, axes = plt.subplots(
       len(dtypes),
       len(MODES),
-      figsize=(max(6.0, 1.1 * shapes) * len(MODES), 4 * len(dtypes) + 1.2),
+      figsize=(max(6.0, 1.1 * shapes) * len(MODES), height),
       squeeze=False,
   )
   for (i, dtype), (j, mode) in ((a, b) for a in enumerate(dtypes) for b in enumerate(MODES)):
@@ -327,13 +329,13 @@ def figure(doc: dict):
       Patch(facecolor="white", edgecolor="black", hatch="////", label="noisy"),
   ]
   fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small",
-             bbox_to_anchor=(0.5, 0.04))
-  fig.text(0.5, 0.01, IDEAL_NOTE, ha="center", va="bottom", fontsize="small")
+             bbox_to_anchor=(0.5, 0.45 / height))
+  fig.text(0.5, 0.05 / height, IDEAL_NOTE, ha="center", va="bottom", fontsize="small")
   fig.suptitle(
       f"Batch norm on {doc['device_kind']} ({doc.get('processor', '')}, {doc['cores']} cores), "
       f"{doc['date']}"
   )
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  fig.tight_layout(rect=(0, _FOOTER_INCHES / height, 1, 1))
   return fig
 
 
