@@ -14,7 +14,7 @@ normalization layer changed:
 
 * ``flax-linen``: ``flax.linen.BatchNorm``;
 * ``jaxbn``: ``jaxbn.linen.BatchNorm`` (a drop-in subclass, with the default
-  implementation) on the variables Flax's network initialized;
+  implementation) on the same variables (``init_variables``);
 * ``no-norm``: a layer that returns its input.
 
 Each is compiled ahead of time (compile time apart), and they are timed
@@ -24,6 +24,7 @@ the normalization costs, if XLA compiles the rest of the step alike.
 """
 
 import functools
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -132,16 +133,35 @@ def _batch(batch_shape, dtype):
   return x, jnp.arange(batch_shape[0]) % CLASSES
 
 
+def init_variables(model: ResNet, x: jax.Array) -> dict:
+  """The variables of ``model`` for input ``x``, made with NumPy.
+
+  Kernels are He-normal, ``scale`` and ``var`` ones, the rest zeros. The
+  shapes come from ``jax.eval_shape`` of ``model.init``: running ``init``
+  compiled Flax's random initializers for several seconds.
+  """
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+
+  def value(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      he_std = np.sqrt(2 / math.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(leaf.shape) * he_std, leaf.dtype)
+    return jnp.full(leaf.shape, 1 if name in ("scale", "var") else 0, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(value, shapes)
+
+
 def compiled_steps(dtype, stages=STAGES, widths=WIDTHS, batch_shape=BATCH_SHAPE):
   """``{norm: (run, compile_ms)}``: the compiled training step with each of ``NORMS``."""
   x, labels = _batch(batch_shape, dtype)
-  key = jax.random.key(0)
-  flax_variables = ResNet(nn.BatchNorm, stages, widths, dtype).init(key, x, train=False)
+  flax_variables = init_variables(ResNet(nn.BatchNorm, stages, widths, dtype), x)
   optimizer = optax.sgd(LEARNING_RATE, momentum=0.9)
   steps = {}
   for name, norm in NORMS.items():
     model = ResNet(norm, stages, widths, dtype)
-    variables = model.init(key, x, train=False) if name == "no-norm" else flax_variables
+    variables = init_variables(model, x) if name == "no-norm" else flax_variables
     params = variables["params"]
     args = (params, variables.get("batch_stats", {}), optimizer.init(params), x, labels)
     run, compile_ms, _ = compile_ahead(train_step(model, optimizer), args)
