@@ -40,8 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-import jaxbn
-
 from .contenders import (
     JAX_CONTENDERS,
     MODES,
@@ -49,6 +47,7 @@ from .contenders import (
     copy_case,
     jax_cases,
     torch_cases,
+    unavailable,
 )
 from .shapes import SHAPES, Shape
 
@@ -372,7 +371,7 @@ def run(config: Config) -> dict:
       "quick": config.quick,
       "reps": config.reps,
       "calls_per_sample": config.calls_per_sample,
-      "kernels_available": getattr(jaxbn, "kernels_available", lambda: False)(),
+      "kernels_available": "jaxbn-kernel" not in unavailable(),
       "notes": list(config.notes),
       # The share of all cores other processes took while each case was timed.
       "other_load_median": statistics.median(others),
