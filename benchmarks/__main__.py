@@ -1,11 +1,15 @@
 """Command line: ``python -m benchmarks [--quick] [options]``.
 
-Prints a table, writes ``results/<device>-<date>.json`` and a PNG chart beside it.
+Times batch norm on each shape, prints a table, then times the workloads
+(end-to-end training steps) and prints theirs; writes
+``results/<device>-<date>.json`` and a PNG chart beside it (quick runs: into
+the user's cache directory, outside the checkout).
 """
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 # JAX would take 75% of a GPU's memory at start, leaving PyTorch too little.
@@ -16,11 +20,23 @@ import jax  # noqa: E402
 from . import contenders, report, runner  # noqa: E402
 from .shapes import BY_NAME, for_platform  # noqa: E402
 
-# --quick: every shape and mode in float32, fewer rounds (about a minute on 2 cores).
+# --quick: every shape and mode in float32, fewer rounds.
 QUICK_DTYPES = ("float32",)
 QUICK_REPS = 20
+QUICK_WORKLOAD_REPS = 8
+RESULTS = Path(__file__).parent / "results"
 # On an accelerator a timed sample queues 10 calls (see runner.time_interleaved).
 ACCELERATOR_CALLS_PER_SAMPLE = 10
+
+
+def quick_results_dir() -> Path:
+  """Where ``--quick`` writes: ``$XDG_CACHE_HOME/jaxbn/benchmarks``, or ``~/.cache/...``.
+
+  Outside the checkout, so that quick runs leave no untracked files beside the
+  committed results.
+  """
+  cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(cache) / "jaxbn" / "benchmarks"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--quick",
       action="store_true",
-      help=f"{', '.join(QUICK_DTYPES)} only, {QUICK_REPS} timed calls per case "
-      "(about a minute on 2 cores); results go to <device>-<date>-quick.json",
+      help=f"{', '.join(QUICK_DTYPES)} only, {QUICK_REPS} timed calls per case and "
+      f"{QUICK_WORKLOAD_REPS} steps per workload contender; writes "
+      f"<device>-<date>-quick.json into {quick_results_dir()} unless --out says otherwise",
   )
   parser.add_argument(
       "--shapes",
@@ -45,7 +62,25 @@ def _parser() -> argparse.ArgumentParser:
       choices=list(contenders.JAX_CONTENDERS + contenders.TORCH_CONTENDERS),
       help="contenders to run (default: all)",
   )
-  parser.add_argument("--reps", type=int, help="timed calls per contender and case (default 50)")
+  parser.add_argument(
+      "--reps",
+      type=int,
+      help=f"timed calls per contender and case (default {runner.Config.reps})",
+  )
+  parser.add_argument(
+      "--workloads",
+      nargs="+",
+      choices=runner.WORKLOADS,
+      default=runner.WORKLOADS,
+      help="end-to-end training steps to time after the shapes (default: all; "
+      "one whose module or dependencies are missing is skipped with a note)",
+  )
+  parser.add_argument("--no-workloads", action="store_true", help="time the shapes only")
+  parser.add_argument(
+      "--workload-reps",
+      type=int,
+      help=f"timed steps per workload contender (default {runner.Config.workload_reps})",
+  )
   parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
   parser.add_argument(
       "--system-allocator",
@@ -65,14 +100,15 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--out",
       type=Path,
-      default=Path(__file__).parent / "results",
-      help="directory for the JSON and PNG (default: benchmarks/results)",
+      help="directory for the JSON and PNG (default: benchmarks/results, where the "
+      f"committed results live; with --quick, {quick_results_dir()})",
   )
   parser.add_argument("--no-save", action="store_true", help="print the table only")
   return parser
 
 
 def main(argv=None) -> int:
+  start = time.perf_counter()
   args = _parser().parse_args(argv)
   notes = []
   if not args.system_allocator:
@@ -92,28 +128,43 @@ def main(argv=None) -> int:
       elif platform != "cpu":
         notes.append(f"PyTorch runs on the CPU: it has no device for JAX's {platform!r}.")
   shapes = for_platform(platform)
+  names = args.contenders or runner.Config.contenders
+  skipped = {n: why for n, why in contenders.unavailable().items() if n in names}
+  notes += [f"{name} skipped: {why}" for name, why in skipped.items()]
   config = runner.Config(
       shapes=[s for s in shapes if s.name in args.shapes] if args.shapes else shapes,
       dtypes=args.dtypes or (QUICK_DTYPES if args.quick else report.DTYPES),
       modes=args.modes or contenders.MODES,
-      contenders=args.contenders or runner.Config.contenders,
+      contenders=[n for n in names if n not in skipped],
       torch=torch,
       torch_device=torch_device,
       reps=args.reps or (QUICK_REPS if args.quick else runner.Config.reps),
+      workload_reps=args.workload_reps
+      or (QUICK_WORKLOAD_REPS if args.quick else runner.Config.workload_reps),
       calls_per_sample=1 if platform == "cpu" else ACCELERATOR_CALLS_PER_SAMPLE,
       quick=args.quick,
       wait_idle=args.wait_idle,
-      progress=sys.stderr.isatty(),
+      progress="bar" if sys.stderr.isatty() else "lines",
       notes=notes,
   )
   for note in notes:
     print(note, file=sys.stderr)
   doc = runner.run(config)
   print(report.table(doc))
+  if not args.no_workloads:
+    doc["workloads"], skipped_workloads = runner.run_workloads(args.workloads, config)
+    for note in skipped_workloads:
+      print(note, file=sys.stderr)
+    doc["notes"] += skipped_workloads
+    print(report.workload_table(doc))
+  doc["duration_s"] = time.perf_counter() - start
+  print(f"\n{doc['duration_s']:.0f} s from the start of main to the last timing.")
   if not args.no_save:
-    path = report.save(doc, args.out)
+    path = report.save(doc, args.out or (quick_results_dir() if args.quick else RESULTS))
     png = report.plot(doc, path.with_suffix(".png"))
-    print(f"\nwrote {path} and {png.name}")
+    print(f"wrote {path} and {png.name}")
+    if args.quick and args.out is None:
+      print(f"(quick runs go to {path.parent}, not to benchmarks/results; --out chooses)")
   return 0
 
 

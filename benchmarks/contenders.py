@@ -9,6 +9,10 @@ A contender is built for one input ``Shape``, dtype and mode:
 
 JAX contenders are jitted and compiled ahead of time (the compile time is kept
 apart from the run time), so a call runs only the compiled executable.
+``jaxbn`` is ``jaxbn.batch_norm`` as users call it, with the default
+``implementation``; ``jaxbn-kernel``, ``jaxbn-fused`` (the XLA path) and
+``jaxbn-reference`` name theirs. Every contender normalizes over the shape's
+feature axis (``axis=1`` for NCHW shapes).
 PyTorch contenders call ``torch.nn.functional.batch_norm`` eagerly, as people
 use it (cuDNN on a GPU). Every contender gets the same data, momentum 0.99
 (PyTorch's 0.01) and epsilon 1e-5; scale and bias are float32 parameters,
@@ -28,7 +32,22 @@ import jaxbn
 from .shapes import Shape
 
 MODES = ("forward", "forward+backward", "inference")
-JAX_CONTENDERS = ("jaxbn", "jaxbn-reference", "flax-linen", "flax-linen-fastvar", "flax-nnx")
+JAX_CONTENDERS = (
+    "jaxbn",
+    "jaxbn-kernel",
+    "jaxbn-fused",
+    "jaxbn-reference",
+    "flax-linen",
+    "flax-linen-fastvar",
+    "flax-nnx",
+)
+# The `implementation` each jaxbn contender passes; None passes none (the default).
+JAXBN_IMPLEMENTATIONS = {
+    "jaxbn": None,
+    "jaxbn-kernel": "kernel",
+    "jaxbn-fused": "fused",
+    "jaxbn-reference": "reference",
+}
 TORCH_CONTENDERS = ("torch-nchw", "torch-channels-last")
 MOMENTUM = 0.99
 EPSILON = 1e-5
@@ -53,7 +72,7 @@ def make_data(shape: Shape, dtype, seed: int = 0) -> tuple[np.ndarray, np.ndarra
   return tuple(np.asarray(jnp.asarray(a, dtype)) for a in (x, dy))
 
 
-def _compile(fn, args) -> tuple[Callable[[], Any], float, int]:
+def compile_ahead(fn, args) -> tuple[Callable[[], Any], float, int]:
   """Compiles ``fn(*args)``; returns ``(call, compile_ms, peak_bytes)``."""
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
@@ -105,14 +124,26 @@ def _jax_case(name, layout, mode, step, params, x, dy, extra) -> Case:
     args = (params, x, extra, dy)
   else:
     fn, args = step, (params, x, extra)
-  run, compile_ms, peak = _compile(fn, args)
+  run, compile_ms, peak = compile_ahead(fn, args)
   residuals = None
   if mode != "inference":
     residuals = residual_bytes(lambda p, x: step(p, x, extra), params, x)
   return Case(name, layout, run, compile_ms, residuals, peak)
 
 
-def _jaxbn_step(implementation, training):
+def unavailable() -> dict[str, str]:
+  """The JAX contenders this jaxbn cannot run, each with the reason."""
+  kernels_available = getattr(jaxbn, "kernels_available", None)
+  if kernels_available is None:
+    return {"jaxbn-kernel": "this jaxbn has no compiled kernels (no jaxbn.kernels_available)."}
+  if not kernels_available():
+    return {"jaxbn-kernel": "jaxbn.kernels_available() is False: no compiled kernels loaded."}
+  return {}
+
+
+def _jaxbn_step(implementation, training, axis):
+  chosen = {} if implementation is None else {"implementation": implementation}
+
   def step(params, x, state):
     return jaxbn.batch_norm(
         x,
@@ -120,19 +151,21 @@ def _jaxbn_step(implementation, training):
         params["scale"],
         params["bias"],
         training=training,
+        axis=axis,
         momentum=MOMENTUM,
         epsilon=EPSILON,
-        implementation=implementation,
+        **chosen,
     )
 
   return step
 
 
-def _linen_step(fast_variance, training, dtype):
+def _linen_step(fast_variance, training, dtype, axis):
   import flax.linen as nn
 
   module = nn.BatchNorm(
       use_running_average=not training,
+      axis=axis,
       momentum=MOMENTUM,
       epsilon=EPSILON,
       dtype=dtype,
@@ -149,12 +182,13 @@ def _linen_step(fast_variance, training, dtype):
   return module, step
 
 
-def _nnx_step(features, training, dtype):
+def _nnx_step(features, training, dtype, axis):
   from flax import nnx
 
   model = nnx.BatchNorm(
       features,
       use_running_average=not training,
+      axis=axis,
       momentum=MOMENTUM,
       epsilon=EPSILON,
       dtype=dtype,
@@ -178,14 +212,13 @@ def jax_cases(shape: Shape, dtype, mode: str, names=JAX_CONTENDERS) -> list[Case
   training = mode != "inference"
   cases = []
   for name in names:
-    if name in ("jaxbn", "jaxbn-reference"):
-      implementation = "fused" if name == "jaxbn" else "reference"
+    if name in JAXBN_IMPLEMENTATIONS:
       params = {"scale": jnp.ones(features), "bias": jnp.zeros(features)}
       state = jaxbn.init_state(features)
-      step = _jaxbn_step(implementation, training)
+      step = _jaxbn_step(JAXBN_IMPLEMENTATIONS[name], training, shape.axis)
       cases.append(_jax_case(name, shape.layout, mode, step, params, x, dy, state))
     elif name in ("flax-linen", "flax-linen-fastvar"):
-      module, step = _linen_step(name == "flax-linen-fastvar", training, dtype)
+      module, step = _linen_step(name == "flax-linen-fastvar", training, dtype, shape.axis)
       variables = module.init(jax.random.key(0), x)
       cases.append(
           _jax_case(
@@ -193,7 +226,7 @@ def jax_cases(shape: Shape, dtype, mode: str, names=JAX_CONTENDERS) -> list[Case
           )
       )
     elif name == "flax-nnx":
-      params, stats, step = _nnx_step(features, training, dtype)
+      params, stats, step = _nnx_step(features, training, dtype, shape.axis)
       cases.append(_jax_case(name, shape.layout, mode, step, params, x, dy, stats))
     else:
       raise ValueError(f"unknown JAX contender {name!r}; expected one of {JAX_CONTENDERS}")
@@ -203,10 +236,10 @@ def jax_cases(shape: Shape, dtype, mode: str, names=JAX_CONTENDERS) -> list[Case
 def torch_cases(shape: Shape, dtype, mode: str, torch, device: str = "cpu") -> list[Case]:
   """The PyTorch contenders for one shape, dtype and mode, on ``device`` ("cpu" or "cuda").
 
-  Image shapes give two rows: ``torch-nchw`` (PyTorch's default contiguous
+  NHWC shapes give two rows: ``torch-nchw`` (PyTorch's default contiguous
   layout) and ``torch-channels-last`` (NHWC memory, the same bytes the JAX
-  contenders read). An ``(N, C)`` input has one layout, reported as
-  ``torch-nchw``.
+  contenders read). NCHW and ``(N, C)`` shapes have PyTorch's layout already:
+  one row, ``torch-nchw``.
   """
   import torch.nn.functional as F
 
@@ -218,16 +251,17 @@ def torch_cases(shape: Shape, dtype, mode: str, torch, device: str = "cpu") -> l
   def tensor(a):
     return torch.from_numpy(np.array(a)).to(device, torch_dtype)
 
-  layouts = [("torch-nchw", "NC")]
-  if len(shape.shape) == 4:
+  layouts = [("torch-nchw", shape.layout)]
+  if shape.layout == "NHWC":
     layouts = [("torch-nchw", "NCHW"), ("torch-channels-last", "NHWC")]
+  # PyTorch indexes the axes N, C, then the others: NHWC data is permuted to NCHW.
+  torch_axes = "NC" + "".join(a for a in shape.layout if a not in "NC")
+  permutation = [shape.layout.index(a) for a in torch_axes]
   cases = []
   for name, layout in layouts:
-    x, dy = tensor(x_np), tensor(dy_np)
-    if len(shape.shape) == 4:  # our data is NHWC; PyTorch indexes it as NCHW
-      x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
-      memory_format = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-      x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
+    x, dy = tensor(x_np).permute(permutation), tensor(dy_np).permute(permutation)
+    memory_format = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
     weight = torch.ones(features, device=device, requires_grad=True)
     bias = torch.zeros(features, device=device, requires_grad=True)
     running_mean = torch.zeros(features, device=device)
@@ -272,5 +306,5 @@ def _torch_residual_bytes(torch, batch_norm, x) -> int:
 def copy_case(shape: Shape, dtype) -> Callable[[], Any]:
   """The bandwidth probe: ``x + 1``, one read and one write of every element."""
   x = jnp.asarray(make_data(shape, dtype)[0])
-  run, _, _ = _compile(lambda x: x + jnp.asarray(1, x.dtype), (x,))
+  run, _, _ = compile_ahead(lambda x: x + jnp.asarray(1, x.dtype), (x,))
   return run

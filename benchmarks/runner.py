@@ -14,16 +14,23 @@ the ideal time of a mode is its minimal traffic over the probe's bandwidth:
     inference          2 N: read x, write y
 
 Ratios ``x_ideal``, ``x_flax`` and ``x_torch`` divide a row's time by the
-ideal time, by ``flax-linen``'s and by PyTorch's (channels-last where the
-shape has that layout, else the default layout) for the same mode, shape and
-dtype: below 1 is faster.
+ideal time, by ``flax-linen``'s and by PyTorch's in the shape's layout
+(``torch-channels-last`` for NHWC shapes, ``torch-nchw`` for NCHW and NC
+ones; see ``TORCH_BY_LAYOUT``) for the same mode, shape and dtype: below 1 is
+faster.
+
+After the shapes come the workloads, end-to-end training steps (see
+``run_workloads``).
 """
 
 import datetime
+import importlib
+import math
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,12 +47,19 @@ from .contenders import (
     copy_case,
     jax_cases,
     torch_cases,
+    unavailable,
 )
 from .shapes import SHAPES, Shape
 
 IDEAL_ELEMENT_PASSES = {"forward": 3, "forward+backward": 8, "inference": 2}
+# The PyTorch contender that x_torch divides by, for each layout of a shape.
+TORCH_BY_LAYOUT = {"NHWC": "torch-channels-last", "NCHW": "torch-nchw", "NC": "torch-nchw"}
+# Modules `benchmarks.<name>` of end-to-end training steps (see `run_workloads`).
+WORKLOADS = ("resnet", "equinox")
+# A case timed while other processes took this share of the cores is noisy: the table and
+# the chart mark it, and with `wait_idle` it is timed again.
+BUSY = 0.1
 _SETTLE_SECONDS = 0.05  # idle time between phases, for spinning threads to sleep
-_BUSY = 0.1  # with `wait_idle`, a case is timed again when others took this share of the cores
 _ATTEMPTS = 3
 
 
@@ -60,10 +74,11 @@ class Config:
   torch: Any = None  # the torch module, or None to leave PyTorch out
   torch_device: str = "cpu"  # "cuda" to run PyTorch on the GPU
   reps: int = 50
+  workload_reps: int = 20  # timed steps per contender of a workload
   warmup: int = 3
   calls_per_sample: int = 1  # calls queued back to back per timed sample (see time_interleaved)
   quick: bool = False
-  progress: bool = True
+  progress: str = "bar"  # "bar", "lines" (one per finished case) or "off": see `progress`
   wait_idle: float = 0.0  # seconds to wait, before each case, for other processes to go idle
   notes: list[str] = field(default_factory=list)
 
@@ -200,7 +215,7 @@ class _CpuMeter:
     return max(0.0, (now[1] - self.start[1]) / (now[0] - self.start[0]))
 
 
-def wait_until_idle(timeout: float, threshold: float = _BUSY, interval: float = 1.0) -> float:
+def wait_until_idle(timeout: float, threshold: float = BUSY, interval: float = 1.0) -> float:
   """Waits (at most ``timeout`` s) until other processes use < ``threshold`` of the cores."""
   deadline = time.monotonic() + timeout
   while True:
@@ -211,94 +226,138 @@ def wait_until_idle(timeout: float, threshold: float = _BUSY, interval: float = 
       return share
 
 
-def _torch_reference(mode, shape_key, dtype, medians):
-  for name in ("torch-channels-last", "torch-nchw"):
-    if (name, mode, shape_key, dtype) in medians:
-      return medians[(name, mode, shape_key, dtype)]
-  return None
+def progress(items: Sequence, style: str, label: Callable[[Any], str]):
+  """Yields ``items``, showing progress on stderr as ``style`` says.
+
+  ``"bar"``: a tqdm bar, for a terminal. ``"lines"``: one line per finished
+  item, with the time since the first began, for a log file or a pipe (a bar
+  there prints nothing until it ends). ``"off"``: nothing.
+  """
+  if style == "bar":
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, unit="case")
+    return
+  start = time.perf_counter()
+  for done, item in enumerate(items, 1):
+    yield item
+    if style == "lines":
+      print(
+          f"[{done}/{len(items)}] {label(item)} done, {time.perf_counter() - start:.0f} s",
+          file=sys.stderr,
+          flush=True,
+      )
+
+
+def measure(
+    phases: Sequence[dict[str, Callable[[], Any]]], config: Config, reps: int
+) -> tuple[dict[str, list[float]], float]:
+  """``time_interleaved`` with ``config``'s settings; returns the samples and the others' load.
+
+  The load is the share of the cores that other processes took while the
+  samples were taken. With ``config.wait_idle``, first waits for the other
+  processes to go idle, and times again (twice at most) when they took
+  ``BUSY`` or more.
+  """
+  for _ in range(_ATTEMPTS if config.wait_idle else 1):
+    if config.wait_idle:
+      wait_until_idle(config.wait_idle)
+    meter = _CpuMeter()
+    samples = time_interleaved(phases, reps, config.warmup, calls=config.calls_per_sample)
+    other_load = meter.others()
+    if other_load < BUSY:
+      break
+  return samples, other_load
+
+
+def _case_label(case) -> str:
+  shape, dtype, mode = case
+  return f"{shape.key} {shape.layout} {dtype} {mode}"
+
+
+def _time_case(config: Config, shape: Shape, dtype: str, mode: str):
+  """Times the contenders on one case; returns their rows, the copy probe's samples, the load."""
+  jax_names = [n for n in config.contenders if n in JAX_CONTENDERS]
+  cases = jax_cases(shape, jnp.dtype(dtype), mode, jax_names)
+  phases = [{case.contender: case.run for case in cases}]
+  phases[0]["copy"] = copy_case(shape, jnp.dtype(dtype))
+  if config.torch is not None and set(config.contenders) & set(TORCH_CONTENDERS):
+    more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch, config.torch_device)
+    more = [case for case in more if case.contender in config.contenders]
+    if more:
+      phases.append({case.contender: case.run for case in more})
+      cases += more
+  samples, other_load = measure(phases, config, config.reps)
+  rows = [
+      {
+          "contender": case.contender,
+          "mode": mode,
+          "shape": list(shape.shape),
+          "layout": case.layout,
+          "dtype": dtype,
+          "median_ms": statistics.median(samples[case.contender]),
+          "compile_ms": case.compile_ms,
+          "residual_bytes": case.residual_bytes,
+          "peak_bytes": case.peak_bytes,
+          "other_load": other_load,
+      }
+      for case in cases
+  ]
+  return rows, samples["copy"], other_load
+
+
+def _ideal_row(shape: Shape, dtype: str, mode: str, copy_gbps: float) -> dict:
+  """The minimal traffic of ``mode`` at the copy probe's bandwidth, as a row."""
+  return {
+      "contender": "ideal",
+      "mode": mode,
+      "shape": list(shape.shape),
+      "layout": shape.layout,
+      "dtype": dtype,
+      "median_ms": _ideal_bytes(mode, shape.shape, dtype) / (copy_gbps * 1e6),
+      "compile_ms": None,
+      "residual_bytes": None,
+      "peak_bytes": None,
+      "other_load": None,
+  }
+
+
+def _add_ratios(rows: list[dict]) -> None:
+  """Adds ``gbps``, ``x_ideal``, ``x_flax`` and ``x_torch`` to every row (see the module doc)."""
+  medians = {
+      (r["contender"], r["mode"], tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in rows
+  }
+  layouts = {tuple(r["shape"]): r["layout"] for r in rows if r["contender"] == "ideal"}
+  for row in rows:
+    key = (row["mode"], tuple(row["shape"]), row["dtype"])
+    ideal = medians[("ideal",) + key]
+    flax = medians.get(("flax-linen",) + key)
+    torch = medians.get((TORCH_BY_LAYOUT[layouts[key[1]]],) + key)
+    ms = row["median_ms"]
+    row["gbps"] = _ideal_bytes(*key) / (ms * 1e6)
+    row["x_ideal"] = ms / ideal
+    row["x_flax"] = ms / flax if flax else None
+    row["x_torch"] = ms / torch if torch else None
 
 
 def run(config: Config) -> dict:
   """Runs the suite; returns the results document (see ``report.validate``)."""
-  from tqdm.auto import tqdm
-
   groups = list(product(config.shapes, config.dtypes, config.modes))
-  rows, medians, copy_samples, others = [], {}, {}, []
-  for shape, dtype, mode in tqdm(groups, disable=not config.progress, unit="case"):
-    jax_names = [n for n in config.contenders if n in JAX_CONTENDERS]
-    cases = jax_cases(shape, jnp.dtype(dtype), mode, jax_names)
-    phases = [{case.contender: case.run for case in cases}]
-    phases[0]["copy"] = copy_case(shape, jnp.dtype(dtype))
-    if config.torch is not None and set(config.contenders) & set(TORCH_CONTENDERS):
-      more = torch_cases(shape, jnp.dtype(dtype), mode, config.torch, config.torch_device)
-      more = [case for case in more if case.contender in config.contenders]
-      if more:
-        phases.append({case.contender: case.run for case in more})
-        cases += more
-    for _ in range(_ATTEMPTS if config.wait_idle else 1):
-      if config.wait_idle:
-        wait_until_idle(config.wait_idle)
-      meter = _CpuMeter()
-      samples = time_interleaved(
-          phases, config.reps, config.warmup, calls=config.calls_per_sample
-      )
-      other_load = meter.others()
-      if other_load < _BUSY:  # else other processes disturbed the timings: again
-        break
+  rows, copy_samples, others = [], {}, []
+  for shape, dtype, mode in progress(groups, config.progress, _case_label):
+    case_rows, copy, other_load = _time_case(config, shape, dtype, mode)
+    rows += case_rows
+    copy_samples.setdefault((shape, dtype), []).extend(copy)
     others.append(other_load)
-    copy_samples.setdefault((shape.key, dtype), []).extend(samples.pop("copy"))
-    for case in cases:
-      median = statistics.median(samples[case.contender])
-      medians[(case.contender, mode, shape.key, dtype)] = median
-      rows.append(
-          {
-              "contender": case.contender,
-              "mode": mode,
-              "shape": list(shape.shape),
-              "layout": case.layout,
-              "dtype": dtype,
-              "median_ms": median,
-              "compile_ms": case.compile_ms,
-              "residual_bytes": case.residual_bytes,
-              "peak_bytes": case.peak_bytes,
-              "other_load": other_load,
-          }
-      )
-  copy_gbps = {}
-  for (key, dtype), times in copy_samples.items():
-    elements = _size(key)
-    copy_gbps[f"{key}/{dtype}"] = 2 * elements * jnp.dtype(dtype).itemsize / (
-        statistics.median(times) * 1e6
-    )
-  for shape, dtype, mode in groups:
-    gbps = copy_gbps[f"{shape.key}/{dtype}"]
-    ideal_bytes = IDEAL_ELEMENT_PASSES[mode] * _size(shape.key) * jnp.dtype(dtype).itemsize
-    ideal_ms = ideal_bytes / (gbps * 1e6)
-    medians[("ideal", mode, shape.key, dtype)] = ideal_ms
-    rows.append(
-        {
-            "contender": "ideal",
-            "mode": mode,
-            "shape": list(shape.shape),
-            "layout": shape.layout,
-            "dtype": dtype,
-            "median_ms": ideal_ms,
-            "compile_ms": None,
-            "residual_bytes": None,
-            "peak_bytes": None,
-            "other_load": None,
-        }
-    )
-  for row in rows:
-    key = (row["mode"], "x".join(map(str, row["shape"])), row["dtype"])
-    ideal_bytes = IDEAL_ELEMENT_PASSES[row["mode"]] * _size(key[1]) * jnp.dtype(key[2]).itemsize
-    flax = medians.get(("flax-linen",) + key)
-    torch = _torch_reference(*key, medians)
-    ms = row["median_ms"]
-    row["gbps"] = ideal_bytes / (ms * 1e6)
-    row["x_ideal"] = ms / medians[("ideal",) + key]
-    row["x_flax"] = ms / flax if flax else None
-    row["x_torch"] = ms / torch if torch else None
+  copy_gbps = {
+      f"{shape.key}/{dtype}": 2 * _nbytes(shape.shape, dtype) / (statistics.median(times) * 1e6)
+      for (shape, dtype), times in copy_samples.items()
+  }
+  rows += [
+      _ideal_row(shape, dtype, mode, copy_gbps[f"{shape.key}/{dtype}"])
+      for shape, dtype, mode in groups
+  ]
+  _add_ratios(rows)
   return {
       "device": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind,
@@ -312,6 +371,7 @@ def run(config: Config) -> dict:
       "quick": config.quick,
       "reps": config.reps,
       "calls_per_sample": config.calls_per_sample,
+      "kernels_available": "jaxbn-kernel" not in unavailable(),
       "notes": list(config.notes),
       # The share of all cores other processes took while each case was timed.
       "other_load_median": statistics.median(others),
@@ -321,11 +381,34 @@ def run(config: Config) -> dict:
   }
 
 
-def _size(key: str) -> int:
-  size = 1
-  for dim in key.split("x"):
-    size *= int(dim)
-  return size
+def run_workloads(names: Sequence[str], config: Config) -> tuple[list[dict], list[str]]:
+  """Runs the workloads ``names``; returns their rows and notes on those skipped.
+
+  Workload ``name`` is the module ``benchmarks.<name>``, imported here (so that
+  its dependencies load only when it runs), with a function
+  ``step_rows(config: Config) -> list[dict]`` that times a training step with
+  each normalization layer and returns one row per layer and dtype, in the
+  schema of ``report.validate``'s ``workloads``. A module or dependency that
+  is missing skips the workload with a note.
+  """
+  rows, notes = [], []
+  for name in names:
+    try:
+      module = importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as error:
+      notes.append(f"workload {name!r} skipped: {error}.")
+      continue
+    rows += module.step_rows(config)
+  return rows, notes
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def _ideal_bytes(mode: str, shape: Sequence[int], dtype: str) -> int:
+  """The minimal traffic of ``mode`` (see the module doc)."""
+  return IDEAL_ELEMENT_PASSES[mode] * _nbytes(shape, dtype)
 
 
 def _version(package: str) -> str | None:

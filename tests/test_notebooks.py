@@ -152,9 +152,17 @@ def _newest_per_device(directory: Path) -> dict[str, dict]:
 
 
 def _write_fixture(
-    directory: Path, device: str, date: str, quick: bool, jaxbn_slowdown: float = 1.5
+    directory: Path,
+    device: str,
+    date: str,
+    quick: bool,
+    jaxbn_slowdown: float = 1.5,
+    workloads: bool = False,
 ) -> None:
-  """A small document in the results schema; ``jaxbn_slowdown`` tells documents apart."""
+  """A small document in the results schema; ``jaxbn_slowdown`` tells documents apart.
+
+  With ``workloads``, in the schema that added the training steps; else in the first one.
+  """
   shapes = {"64x14x14x256": [64, 14, 14, 256], "4096x1024": [4096, 1024], "8x16": [8, 16]}
   passes = {"forward": 3, "forward+backward": 8, "inference": 2}
   slowdown = {"ideal": 1.0, "jaxbn": jaxbn_slowdown, "flax-linen": 3.0, "torch-nchw": 2.0}
@@ -175,6 +183,16 @@ def _write_fixture(
   doc = {"device": device, "device_kind": device, "date": date, "jax_version": "0",
          "flax_version": "0", "torch_version": None, "cores": 2, "quick": quick,
          "copy_gbps": {f"{k}/float32": 10.0 for k in shapes}, "results": rows}
+  if workloads:
+    doc["kernels_available"], doc["duration_s"] = False, 60.0
+    doc["workloads"] = [
+        {"workload": "resnet20", "contender": contender, "baseline": "flax-linen",
+         "dtype": "float32", "batch_shape": [32, 32, 32, 3], "median_ms": ms,
+         "compile_ms": 4000.0, "x_baseline": ms / 100.0, "norm_ms": norm_ms,
+         "norm_share": None if norm_ms is None else norm_ms / ms, "other_load": 0.0}
+        for contender, ms, norm_ms in (("flax-linen", 100.0, 30.0), ("jaxbn", 90.0, 20.0),
+                                       ("no-norm", 70.0, None))
+    ]
   name = f"{device}-{date}" + ("-quick" if quick else "")
   (directory / f"{name}.json").write_text(json.dumps(doc))
 
@@ -184,7 +202,7 @@ def _write_fixtures(directory: Path) -> None:
   _write_fixture(directory, "gpu", "2000-01-01", quick=False)
   _write_fixture(directory, "gpu", "2000-01-01", quick=True, jaxbn_slowdown=2.5)  # quick loses
   _write_fixture(directory, "cpu", "1999-12-31", quick=False, jaxbn_slowdown=2.5)  # older
-  _write_fixture(directory, "cpu", "2000-01-01", quick=True)  # newer than the full run
+  _write_fixture(directory, "cpu", "2000-01-01", quick=True, workloads=True)  # the newest
   # Another schema (the distributed benchmark's): skipped.
   (directory / "distributed-cpu-2000-01-02.json").write_text(
       json.dumps({"device": "cpu", "date": "2000-01-02", "results": [{"devices": 8}]}))
@@ -217,3 +235,10 @@ def test_benchmarks_notebook_reads_the_newest_results(results, tmp_path):
             continue
           expected = math.exp(sum(map(math.log, values)) / len(values))
           assert entry[key] == pytest.approx(expected, rel=1e-9), (device, key)
+    workloads = {
+        f"{w['workload']}_x_baseline/{w['contender']}/{w['dtype']}": w["x_baseline"]
+        for w in doc.get("workloads", [])
+    }
+    assert {k: v for k, v in entry.items() if "_x_baseline/" in k} == workloads, device
+  if results == "fixtures":
+    assert len([k for k in s["cpu"] if "_x_baseline/" in k]) == 3
