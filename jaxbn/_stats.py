@@ -52,7 +52,9 @@ class Moments(NamedTuple):
 
 def compute_dtype(dtype) -> jnp.dtype:
   """Reductions run in at least float32, whatever the input's precision."""
-  return jnp.promote_types(dtype, jnp.float32)
+  # An explicit promotion: the lattice's answer also under jax_numpy_dtype_promotion="strict".
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
