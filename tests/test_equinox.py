@@ -562,3 +562,15 @@ def test_equinox_is_imported_by_jaxbn_equinox_only(monkeypatch):
   message = 'jaxbn.equinox needs equinox, which is not installed: pip install "jaxbn[equinox]"'
   with pytest.raises(ImportError, match=re.escape(message)):
     importlib.import_module("jaxbn.equinox")
+
+
+def test_readme_example_runs():
+  (block,) = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    if "jaxbn.equinox" in b
+  ]
+  namespace = {}
+  exec(block, namespace)
+  model, state, y = namespace["model"], namespace["state"], namespace["y"]
+  assert y.shape == (8, 16, 16, 16) and state.get(model.bn.batch_counter) == 1
