@@ -198,13 +198,24 @@ def run(
   return rows
 
 
+# (header, row key, width, format) of the printed table.
+COLUMNS = (
+    ("model", "model", 24, "{}"),
+    ("mode", "mode", 5, "{}"),
+    ("step", "step", 9, "{}"),
+    ("contender", "contender", 10, "{}"),
+    ("median ms", "median_ms", 10, "{:.3f}"),
+    ("compile ms", "compile_ms", 10, "{:.0f}"),
+    ("x equinox", "x_equinox", 9, "{:.2f}"),
+)
+
+
 def print_table(rows) -> None:
-  print(f"{'model':>24} {'mode':>5} {'step':>9} {'contender':>10} {'median ms':>10} "
-        f"{'compile ms':>10} {'x equinox':>9}")
+  print(" ".join(f"{header:>{width}}" for header, _, width, _ in COLUMNS))
   for row in rows:
-    ratio = "" if row["x_equinox"] is None else f"{row['x_equinox']:.2f}"
-    print(f"{row['model']:>24} {row['mode']:>5} {row['step']:>9} {row['contender']:>10} "
-          f"{row['median_ms']:10.3f} {row['compile_ms']:10.0f} {ratio:>9}")
+    cells = ("" if row[key] is None else form.format(row[key]) for _, key, _, form in COLUMNS)
+    widths = (width for _, _, width, _ in COLUMNS)
+    print(" ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)))
 
 
 def main(argv=None) -> int:

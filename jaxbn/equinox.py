@@ -31,14 +31,10 @@ from jaxbn import _activation, _core, _inplace, _modules, _renorm, _stats  # noq
 from jaxbn._renorm import Renorm, RenormState  # noqa: E402
 from jaxbn._state import BatchNormState  # noqa: E402
 
-# Constructor keywords passed to `batch_norm` under the same names.
-VARIANT_SETTINGS = (
-    "unbiased_var",
-    "skip_nonfinite",
-    "activation",
-    "negative_slope",
-    "inplace",
-    "renorm",
+# Constructor keywords passed to `batch_norm` under the same names: the Flax modules' but
+# `averaging` (each mode's state fixes it) and `virtual_batch_size` (no batch axis per example).
+VARIANT_SETTINGS = tuple(
+    name for name in _modules.VARIANT_SETTINGS if name not in ("averaging", "virtual_batch_size")
 )
 
 
@@ -186,16 +182,13 @@ class BatchNorm(eqx.nn.BatchNorm):
     super().__init__(
         input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, mode
     )
-    _check_settings(
-        self.mode, momentum, eps, unbiased_var, skip_nonfinite, activation, negative_slope,
-        inplace, renorm,
+    settings = dict(
+        unbiased_var=unbiased_var, skip_nonfinite=skip_nonfinite, activation=activation,
+        negative_slope=negative_slope, inplace=inplace, renorm=renorm,
     )
-    self.unbiased_var = unbiased_var
-    self.skip_nonfinite = skip_nonfinite
-    self.activation = activation
-    self.negative_slope = negative_slope
-    self.inplace = inplace
-    self.renorm = renorm
+    _check_settings(self.mode, momentum, eps, **settings)
+    for name, value in settings.items():
+      setattr(self, name, value)
     self.renorm_state_index = None
     if renorm is not None:
       initial = _renorm.init_renorm_state(input_size)
