@@ -14,7 +14,7 @@ Complex inputs go to Equinox's implementation.
 
 import math
 from collections.abc import Hashable, Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Literal
 
 import jax
@@ -177,7 +177,7 @@ class BatchNorm(eqx.nn.BatchNorm):
     """
     if mode == "legacy":  # Equinox's default: "ema", which trains well here (no warning)
       mode = "ema"
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+    if isinstance(input_size, bool) or not isinstance(input_size, Integral) or input_size < 1:
       raise ValueError(f"`input_size` must be a positive int, got {input_size!r}.")
     super().__init__(
         input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, mode
@@ -190,8 +190,8 @@ class BatchNorm(eqx.nn.BatchNorm):
     for name, value in settings.items():
       setattr(self, name, value)
     self.renorm_state_index = None
-    if renorm is not None:
-      initial = _renorm.init_renorm_state(input_size)
+    if renorm is not None:  # in the dtype of the moving averages, at least float32
+      initial = _renorm.init_renorm_state(input_size, self.ema_state_index.init[0].dtype)
       self.renorm_state_index = eqx.nn.StateIndex(
           (initial.count, initial.std, initial.renorm_mean, initial.renorm_std)
       )
