@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxbn import _validation
+from jaxbn import _stats, _validation
 
 
 def fold_batch_norm(
@@ -78,7 +78,7 @@ def fold_batch_norm(
       )
     _validation.check_per_feature(value, features, name)
   _validation.check_fraction(epsilon, "epsilon", 0.0, float("inf"))
-  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  dtype = _stats.compute_dtype(kernel.dtype)
   mean, var = (jnp.asarray(v, dtype) for v in (mean, var))
   mul = jax.lax.rsqrt(var + epsilon)
   if scale is not None:

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from jaxbn import _stats
+
 
 class BatchNormState(NamedTuple):
   """Running averages of the batch statistics, one entry per feature.
@@ -59,7 +61,7 @@ def init_state(
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype)}.")
-  dtype = jnp.promote_types(dtype, jnp.float32)
+  dtype = _stats.compute_dtype(dtype)
   return BatchNormState(
       mean=jnp.zeros(shape, dtype),
       var=jnp.ones(shape, dtype),

@@ -52,7 +52,9 @@ class Moments(NamedTuple):
 
 def compute_dtype(dtype) -> jnp.dtype:
   """Reductions run in at least float32, whatever the input's precision."""
-  return jnp.promote_types(dtype, jnp.float32)
+  # An explicit promotion: the lattice's answer also under jax_numpy_dtype_promotion="strict".
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
@@ -173,12 +175,12 @@ def all_reduce_moments(
       M2 = sum(M2_i + n_i (d_i - delta)^2)
 
   Exact whatever the number of valid entries on each device, zero included,
-  and the same bits on every device of a group.
+  and the same bits on every device of a group. The result is ``centered``.
   """
   _validation.check_axis_name(axis_name)
   _validation.check_axis_index_groups(axis_index_groups, axis_name)
   if axis_name is None:
-    return moments
+    return centered(moments)
   stacked = jnp.stack(jnp.broadcast_arrays(*moments))
   gathered = _gather(stacked, axis_name, axis_index_groups)
   counts, shifts, deltas, m2s = jnp.moveaxis(gathered, 1, 0)
@@ -188,7 +190,20 @@ def all_reduce_moments(
   count = jnp.sum(counts, axis=0, keepdims=True)
   delta = jnp.sum(counts * deltas, axis=0, keepdims=True) / jnp.maximum(count, 1)
   m2 = jnp.sum(m2s + counts * jnp.square(deltas - delta), axis=0)
-  return Moments(count[0], shift[0], delta[0], m2)
+  return centered(Moments(count[0], shift[0], delta[0], m2))
+
+
+def centered(moments: Moments) -> Moments:
+  """The same moments with the shift moved to the rounded mean: ``K' = fl(K + delta)``.
+
+  ``delta' = (K - K') + delta`` keeps ``K' + delta'`` the mean and carries its
+  gradient (``K'`` has none). ``x - K'`` is as exact as ``x - K`` (both shifts
+  lie among the data) and, the mean being central, smaller: ``(x - K') a +
+  b`` then rounds relative to ``x - mean`` (an output near 0 is accurate
+  to its own size), where ``(x - K) a + b`` rounds relative to ``x - K``.
+  """
+  shift = lax.stop_gradient(moments.shift + moments.delta)
+  return moments._replace(shift=shift, delta=(moments.shift - shift) + moments.delta)
 
 
 def _names(entry) -> tuple[str, ...]:
