@@ -106,8 +106,11 @@ def carry_sums(axes, s, x, z, residual, a, b, offset, mask):
   ``x - K`` is found.
   """
   del s, z, residual, a, b, offset, mask
-  shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
-  return jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype)
+  # Zeros that depend on `x`: under `vmap` they are batched like their tangents (a
+  # constant would not be, which `jvp` of a jitted `vmap` cannot reconcile). XLA
+  # folds the select and drops the sum.
+  zeros = jnp.where(False, jnp.sum(x, axes, keepdims=True), jnp.zeros((), x.dtype))
+  return zeros, zeros
 
 
 @carry_sums.defjvp

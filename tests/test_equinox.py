@@ -277,13 +277,8 @@ def test_matches_batch_norm_over_steps_training_and_inference(mode, case):
     )
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=TypeError,
-  reason="jaxbn core bug (jaxbn._inplace, on main too): jvp and grad of "
-  "jit(vmap(batch_norm(inplace=True, axis_name=...))) trace a div of operands of ranks 2 and 3; "
-  "a jit around the grad, the usual training step, works (the test above)",
-)
+# Regression: jvp and grad of jit(vmap(batch_norm(inplace=True, axis_name=...))) traced a
+# div of operands of ranks 2 and 3.
 def test_inplace_backward_under_grad_of_a_jitted_vmap():
   bn, state = _make(
     jaxbn.equinox.BatchNorm, "batch", activation="leaky_relu", negative_slope=0.1, inplace=True

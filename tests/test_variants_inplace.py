@@ -159,3 +159,21 @@ def test_bad_input(kwargs, error, match):
   with pytest.raises(error, match=match):
     jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(3), training=True, **kwargs))(
         jnp.ones((5, 3)))
+
+
+# Regression: jvp and grad of a jitted vmap with an axis name raised "div: arrays must have
+# the same number of dimensions" (the rule's zero sums were not batched like their tangents).
+@pytest.mark.parametrize("axis", [0, -1], ids=["per-example", "per-row"])
+def test_derivatives_of_a_jitted_vmap_with_an_axis_name(axis):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 5, 3) if axis == -1 else (4, 3)), jnp.float32)
+
+  def bn(x, inplace):
+    return jaxbn.batch_norm(x, jaxbn.init_state(3), training=True, axis=axis, inplace=inplace,
+                            activation="leaky_relu", axis_name="i")[0]
+
+  for transform in (lambda f: jax.jvp(f, (x,), (jnp.cos(x),))[1],
+                    lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)):
+    got, want = (transform(jax.jit(jax.vmap(functools.partial(bn, inplace=i), axis_name="i")))
+                 for i in (True, False))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
