@@ -19,7 +19,9 @@ and each row reports the median after warm-up, the first call (compilation)
 apart, and ``x_equinox``: the time over Equinox's class's for the same model,
 mode and step (below 1 is faster).
 
-``run()`` returns the rows (a list of dicts) for the suite; ``main()`` prints them.
+``run()`` returns the rows (a list of dicts) and ``main()`` prints them;
+``step_rows(config)`` gives the training steps to the main suite as workloads
+(``python -m benchmarks``, see ``runner.run_workloads``).
 """
 
 import argparse
@@ -34,7 +36,7 @@ import numpy as np
 
 import jaxbn.equinox
 
-from .runner import cores, time_interleaved
+from .runner import cores, measure, progress, time_interleaved
 
 CONTENDERS = ("equinox", "jaxbn", "jaxbn-relu")
 MODES = ("batch", "ema")
@@ -195,6 +197,37 @@ def run(
             "compile_ms": compile_ms[(contender, step)],
             "x_equinox": None if baseline is None else median / baseline,
         })
+  return rows
+
+
+def step_rows(config) -> list[dict]:
+  """The training steps as workloads of the main suite, in ``report.validate``'s schema.
+
+  One row per model, mode and contender (float32; ``--quick``: the quick models
+  in mode "batch"), timed with ``config``'s settings; the baseline is
+  Equinox's class.
+  """
+  models = QUICK_MODELS if config.quick else FULL_MODELS
+  cases = [(model, mode) for model in models for mode in (("batch",) if config.quick else MODES)]
+  rows = []
+  for model, mode in progress(cases, config.progress, lambda c: f"equinox {c[0].key} {c[1]}"):
+    runs, compile_ms = _cases(model, mode, CONTENDERS)
+    train = {contender: runs[(contender, "train")] for contender in CONTENDERS}
+    samples, other_load = measure([train], config, config.workload_reps)
+    medians = {contender: statistics.median(times) for contender, times in samples.items()}
+    rows += [{
+        "workload": f"equinox-{model.kind}-{mode}",
+        "contender": contender,
+        "baseline": "equinox",
+        "dtype": "float32",
+        "batch_shape": [model.batch, *model.input_shape],
+        "median_ms": median,
+        "compile_ms": compile_ms[(contender, "train")],
+        "x_baseline": median / medians["equinox"],
+        "norm_ms": None,
+        "norm_share": None,
+        "other_load": other_load,
+    } for contender, median in medians.items()]
   return rows
 
 

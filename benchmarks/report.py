@@ -208,7 +208,7 @@ def workload_table(doc: dict) -> str:
       "== workloads: one training step (forward, backward, update) ==",
       "x-base: time / the baseline's; norm ms: time - the step's without normalization; "
       "share: norm ms / time.",
-      f"{'workload':<10} {'dtype':<9} {'batch':<13} {'contender':<12} {'ms':>9} "
+      f"{'workload':<17} {'dtype':<9} {'batch':<13} {'contender':<12} {'ms':>9} "
       f"{'x-base':>7} {'norm ms':>8} {'share':>6} {'compile ms':>10}",
   ]
   for r in doc.get("workloads", []):
@@ -216,7 +216,7 @@ def workload_table(doc: dict) -> str:
     share = "" if r["norm_share"] is None else f"{r['norm_share']:.0%}"
     compile_ms = "" if r["compile_ms"] is None else f"{r['compile_ms']:.0f}"
     lines.append(
-        f"{r['workload']:<10} {r['dtype']:<9} {_key(r['batch_shape']):<13} "
+        f"{r['workload']:<17} {r['dtype']:<9} {_key(r['batch_shape']):<13} "
         f"{r['contender']:<12} {r['median_ms']:8.2f}{_busy_mark(r)} "
         f"{r['x_baseline']:7.2f} {norm_ms:>8} {share:>6} {compile_ms:>10}"
     )

@@ -18,3 +18,23 @@ def test_run_returns_a_row_per_contender_and_step(capsys):
       assert row["x_equinox"] == pytest.approx(1.0)
   bench.print_table(rows)
   assert "x equinox" in capsys.readouterr().out
+
+
+def test_step_rows_are_workloads_of_the_main_suite(monkeypatch):
+  from benchmarks import report, runner
+
+  tiny = bench.Model("cnn", 4, (3, 5, 5), 4)
+  monkeypatch.setattr(bench, "QUICK_MODELS", (tiny,))
+  config = runner.Config(quick=True, workload_reps=1, warmup=1)
+  rows = bench.step_rows(config)
+  assert [r["contender"] for r in rows] == list(bench.CONTENDERS)
+  for row in rows:
+    assert row["workload"] == "equinox-cnn-batch" and row["batch_shape"] == [4, 3, 5, 5]
+  assert rows[0]["x_baseline"] == 1.0
+  doc = {
+      "device": "cpu", "device_kind": "cpu", "date": "2026-01-01", "jax_version": "0",
+      "flax_version": "0", "torch_version": None, "cores": 2, "quick": True,
+      "copy_gbps": {}, "results": [], "workloads": rows,
+  }
+  report.validate(doc)
+  assert "equinox-cnn-batch" in report.workload_table(doc)
