@@ -53,7 +53,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jaxbn._kernels import _library
+from jaxbn._kernels import _layout, _library
 
 SUM_AXES = (1, 3)  # A and B
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -64,7 +64,7 @@ ACTIVATION_CODES = {1.0: 0, 0.0: 1}  # the kernel's Act: identity, relu; any oth
 # References: the XLA formulation of each primitive, with its signature.
 
 
-def masked(mask, value):
+def masked_value(mask, value):
   """``value`` where ``mask`` holds, 0 elsewhere; ``value`` itself for no mask."""
   return value if mask is None else jnp.where(mask, value, jnp.zeros_like(value))
 
@@ -91,7 +91,7 @@ def _split(operands, *present):
 
 def shifted_sums_reference(x, stored, shift, mask=None):
   """``(sum m (x - K), sum m (x - K)^2)`` over ``(A, B)``, read from ``stored``."""
-  deviation = masked(mask, stored.astype(x.dtype) - shift)
+  deviation = masked_value(mask, stored.astype(x.dtype) - shift)
   return (
       jnp.sum(deviation, SUM_AXES, keepdims=True),
       jnp.sum(deviation * deviation, SUM_AXES, keepdims=True),
@@ -100,7 +100,7 @@ def shifted_sums_reference(x, stored, shift, mask=None):
 
 def weighted_sums_reference(t, stored, shift, mask=None, z=None, *, slope=1.0):
   """``(sum w t, sum w t (x - K))`` with ``w = m act'(z)``, in the dtype of ``shift``."""
-  weighted = masked(mask, gate(slope, z, t.astype(shift.dtype)))
+  weighted = masked_value(mask, gate(slope, z, t.astype(shift.dtype)))
   deviation = stored.astype(shift.dtype) - shift
   return (
       jnp.sum(weighted, SUM_AXES, keepdims=True),
@@ -431,7 +431,7 @@ def _weighted_sums_transpose(cts, *operands, masked, gated, slope):
     total = ct2 * (stored.astype(dtype) - shift)
   if not _is_zero(ct1):
     total = _add(total, ct1)
-  t_bar = masked(mask, gate(slope, z, jnp.broadcast_to(total, stored.shape)))
+  t_bar = masked_value(mask, gate(slope, z, jnp.broadcast_to(total, stored.shape)))
   return [t_bar.astype(t.aval.dtype)] + none[1:]
 
 
@@ -540,75 +540,114 @@ def _constant_nonempty(aval) -> bool:
   return all(not isinstance(d, int) or d > 0 for d in aval.shape)
 
 
-def _kernel_takes(stored, shift, *others) -> bool:
-  """Kernel storage for ``stored``, float32 per-feature values, ``others`` float32 or stored."""
+def _kernel_takes(stored, shift, others=(), same=()) -> bool:
+  """Kernel storage for ``stored``; float32 ``shift``; ``others`` float32 or like ``stored``.
+
+  ``same`` must be stored exactly like ``stored``.
+  """
   return (
       stored.dtype in KERNEL_DTYPES
       and shift.dtype == jnp.float32
       and all(o.dtype in (jnp.dtype(jnp.float32), stored.dtype) for o in others)
+      and all(o.dtype == stored.dtype for o in same)
   )
 
 
-def _ffi(ctx, target, operands, avals_in, **attributes):
-  """The custom call to ``target`` with ``operands`` (result shapes from the buffers)."""
-  ctx = ctx.replace(avals_in=avals_in)
-  kwargs = {}
-  if not all(isinstance(d, int) for aval in ctx.avals_out for d in aval.shape):
-    kwargs["result_shapes"] = [
-        mlir.shape_tensor(mlir.eval_dynamic_shape(ctx, aval.shape)) for aval in ctx.avals_out
-    ]
-  return jax.ffi.ffi_lowering(target, **kwargs)(ctx, *operands, **attributes)
+def _use_kernel(ctx, stored) -> bool:
+  """Whether this module runs the kernel on operands it takes, viewed like ``stored``."""
+  return _constant_nonempty(stored) and not _partitioned(ctx) and _library.available()
 
 
-def _use_kernel(ctx, *avals) -> bool:
-  return (
-      _library.available()
-      and all(_constant_nonempty(a) for a in avals)
-      and not _partitioned(ctx)
+def _squeezed_shape(shape) -> tuple:
+  return tuple(d for d in shape if not _layout.is_one(d))
+
+
+def _squeezed(value):
+  """``value`` without its axes of size 1.
+
+  XLA:CPU gives a reshape's size-1 axes a layout of its own choosing and then
+  copies the array to the row-major layout a custom call asks for; without
+  them the reshape of the caller's array stays a free bitcast.
+  """
+  return value.reshape(_squeezed_shape(value.shape))
+
+
+def _call(target, operands, results, **attributes):
+  """The kernel ``target`` on ``operands`` (squeezed), with ``results`` shaped like these.
+
+  ``view`` tells the kernel which of ``(G, A, C, B)`` the first operand's
+  squeezed axes are (bits 8, 4, 2, 1).
+  """
+  view = sum(8 >> k for k, d in enumerate(operands[0].shape) if not _layout.is_one(d))
+  squeezed = [jax.ShapeDtypeStruct(_squeezed_shape(r.shape), r.dtype) for r in results]
+  out = jax.ffi.ffi_call(target, squeezed)(
+      *map(_squeezed, operands), view=np.int64(view), **attributes
+  )
+  return [o.reshape(r.shape) for o, r in zip(out, results, strict=True)]
+
+
+def _shifted_sums_kernel(*operands, masked):
+  x, stored, shift, mask = _sums_args(operands, masked)
+  # `x` is not passed: only its tangent matters, so XLA never computes it.
+  return _call(
+      "jaxbn_shifted_sums",
+      [stored, shift] + ([mask] if masked else []),
+      [jax.ShapeDtypeStruct(shift.shape, x.dtype)] * 2,
+      row_mask=masked and _layout.is_one(mask.shape[2]),
   )
 
 
-def _shifted_sums_cpu(ctx, *operands, masked):
-  _, stored, shift, _ = _sums_args(ctx.avals_in, masked)
-  x_out = ctx.avals_out[0]
-  if _use_kernel(ctx, stored) and _kernel_takes(stored, shift) and x_out.dtype == jnp.float32:
-    # `x` is not an operand: only its tangent matters, so XLA never computes it.
-    return _ffi(ctx, "jaxbn_shifted_sums", operands[1:], ctx.avals_in[1:])
-  return _reference_lowering[shifted_sums_p](ctx, *operands, masked=masked)
-
-
-def _weighted_sums_cpu(ctx, *operands, masked, gated, slope):
-  t, stored, shift, _, z = _weighted_args(ctx.avals_in, masked, gated)
-  gates = [] if z is None else [z]
-  if (
-      _use_kernel(ctx, stored)
-      and _kernel_takes(stored, shift, t)
-      and all(g.dtype == stored.dtype for g in gates)
-  ):
-    return _ffi(
-        ctx, "jaxbn_weighted_sums", operands, ctx.avals_in,
-        slope=np.float32(slope), masked=masked, gated=gated,
-    )
-  return _reference_lowering[weighted_sums_p](
-      ctx, *operands, masked=masked, gated=gated, slope=slope
+def _weighted_sums_kernel(*operands, masked, gated, slope):
+  t, stored, shift, mask, z = _weighted_args(operands, masked, gated)
+  return _call(
+      "jaxbn_weighted_sums",
+      [t, stored, shift] + [v for v in (mask, z) if v is not None],
+      [jax.ShapeDtypeStruct(shift.shape, shift.dtype)] * 2,
+      slope=np.float32(slope),
+      masked=masked,
+      gated=gated,
+      row_mask=masked and _layout.is_one(mask.shape[2]),
   )
 
 
-def _shifted_affine_cpu(ctx, *operands, has_residual, slope):
-  _, stored, shift, a, b, residual = _affine_args(ctx.avals_in, has_residual)
+def _shifted_affine_kernel(*operands, has_residual, slope):
+  _, stored, shift, a, b, residual = _affine_args(operands, has_residual)
+  (z,) = _call(
+      "jaxbn_shifted_affine",
+      [stored, shift, a, b] + ([residual] if has_residual else []),
+      [jax.ShapeDtypeStruct(stored.shape, stored.dtype)],
+      slope=np.float32(slope),
+      activation=np.int64(ACTIVATION_CODES.get(slope, 2)),
+  )
+  return z
+
+
+def _cpu_lowering(primitive, kernel, takes):
+  """The kernel where ``takes(avals, **params)`` and ``_use_kernel``; else the reference."""
+  kernel = mlir.lower_fun(kernel, multiple_results=primitive.multiple_results)
+
+  def rule(ctx, *operands, **params):
+    if takes(ctx.avals_in, **params) and _use_kernel(ctx, ctx.avals_in[1]):
+      return kernel(ctx, *operands, **params)
+    return _reference_lowering[primitive](ctx, *operands, **params)
+
+  return rule
+
+
+def _sums_takes(avals, masked):
+  _, stored, shift, _ = _sums_args(avals, masked)
+  return _kernel_takes(stored, shift)
+
+
+def _weighted_takes(avals, masked, gated, slope):
+  t, stored, shift, _, z = _weighted_args(avals, masked, gated)
+  return _kernel_takes(stored, shift, [t], [] if z is None else [z])
+
+
+def _affine_takes(avals, has_residual, slope):
+  _, stored, shift, a, b, residual = _affine_args(avals, has_residual)
   residuals = [] if residual is None else [residual]
-  if (
-      _use_kernel(ctx, stored)
-      and _kernel_takes(stored, shift, *residuals)
-      and a.dtype == b.dtype == jnp.float32
-  ):
-    return _ffi(
-        ctx, "jaxbn_shifted_affine", operands[1:], ctx.avals_in[1:],
-        slope=np.float32(slope), activation=ACTIVATION_CODES.get(slope, 2),
-    )
-  return _reference_lowering[shifted_affine_p](
-      ctx, *operands, has_residual=has_residual, slope=slope
-  )
+  return _kernel_takes(stored, shift, residuals, []) and a.dtype == b.dtype == jnp.float32
 
 
 _reference_lowering = {
@@ -617,6 +656,15 @@ _reference_lowering = {
 }
 for _p, _rule in _reference_lowering.items():
   mlir.register_lowering(_p, _rule)
-mlir.register_lowering(shifted_sums_p, _shifted_sums_cpu, platform="cpu")
-mlir.register_lowering(weighted_sums_p, _weighted_sums_cpu, platform="cpu")
-mlir.register_lowering(shifted_affine_p, _shifted_affine_cpu, platform="cpu")
+mlir.register_lowering(
+    shifted_sums_p, _cpu_lowering(shifted_sums_p, _shifted_sums_kernel, _sums_takes),
+    platform="cpu",
+)
+mlir.register_lowering(
+    weighted_sums_p, _cpu_lowering(weighted_sums_p, _weighted_sums_kernel, _weighted_takes),
+    platform="cpu",
+)
+mlir.register_lowering(
+    shifted_affine_p, _cpu_lowering(shifted_affine_p, _shifted_affine_kernel, _affine_takes),
+    platform="cpu",
+)

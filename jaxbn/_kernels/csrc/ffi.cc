@@ -240,50 +240,50 @@ ffi::Error InvalidArgument(const std::string& message) {
   return ffi::Error::InvalidArgument("jaxbn kernels: " + message);
 }
 
-// The (G, A, C, B) view of the input; C == 1 becomes one run per group.
-ffi::Error ReadInput(const ffi::AnyBuffer& x, Dims* dims, DType* type) {
+// The (G, A, C, B) view of the input. Python passes arrays without their
+// size-1 axes; bit 8 >> k of `view` says whether the k-th of G, A, C, B is
+// among the buffer's axes. C == 1 becomes one run per group.
+ffi::Error ReadInput(const ffi::AnyBuffer& x, int64_t view, Dims* dims, DType* type) {
   const auto shape = x.dimensions();
-  if (shape.size() != 4) {
-    return InvalidArgument("the input must be 4-D (G, A, C, B), got shape " + Describe(shape));
+  int64_t sizes[4];
+  size_t next = 0;
+  for (int k = 0; k < 4; ++k) {
+    const bool present = (view >> (3 - k)) & 1;
+    if (present && next == shape.size()) break;
+    sizes[k] = present ? shape[next++] : 1;
+  }
+  if (next != shape.size() || static_cast<size_t>(__builtin_popcountll(view & 15)) != next) {
+    return InvalidArgument("the input of shape " + Describe(shape) +
+                           " does not match the view " + std::to_string(view));
   }
   const auto kernel_type = KernelType(x.element_type());
   if (!kernel_type) return InvalidArgument("the input must be float32, bfloat16 or float16");
   *type = *kernel_type;
-  *dims = Dims{shape[0], shape[1], shape[2], shape[3]};
+  *dims = Dims{sizes[0], sizes[1], sizes[2], sizes[3]};
   if (dims->C == 1) *dims = Dims{dims->G, 1, 1, dims->A * dims->B};
   return ffi::Error::Success();
 }
 
-ffi::Error CheckSameShape(const ffi::AnyBuffer& operand, const ffi::AnyBuffer& x,
-                          const char* name) {
-  const auto a = operand.dimensions(), b = x.dimensions();
-  if (!std::equal(a.begin(), a.end(), b.begin(), b.end())) {
-    return InvalidArgument(std::string(name) + " has shape " + Describe(a) +
-                           ", the input has " + Describe(b));
+template <class Buffer>
+ffi::Error CheckCount(const Buffer& operand, int64_t count, const char* name) {
+  if (static_cast<int64_t>(operand.element_count()) != count) {
+    return InvalidArgument(std::string(name) + " must hold " + std::to_string(count) +
+                           " values, got shape " + Describe(operand.dimensions()));
   }
   return ffi::Error::Success();
 }
 
-ffi::Error CheckPerFeature(const ffi::Buffer<ffi::F32>& operand, const Dims& dims,
-                           const char* name) {
-  if (static_cast<int64_t>(operand.element_count()) != dims.G * dims.C) {
-    return InvalidArgument(std::string(name) + " must hold G * C = " +
-                           std::to_string(dims.G * dims.C) + " values, got shape " +
-                           Describe(operand.dimensions()));
-  }
-  return ffi::Error::Success();
-}
+int64_t Size(const Dims& d) { return d.G * d.A * d.C * d.B; }
 
-// A mask of the shape of x ("full"), or with a size-1 feature axis ("row").
-ffi::Error ReadMask(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& x, ReduceArgs* args) {
+// A full mask (G, A, C, B), or a row mask (G, A, 1, B) for every feature.
+ffi::Error ReadMask(const ffi::AnyBuffer& mask, bool row, ReduceArgs* args) {
   if (mask.element_type() != ffi::DataType::PRED) return InvalidArgument("the mask must be bool");
-  const auto m = mask.dimensions(), shape = x.dimensions();
-  const bool row = m.size() == 4 && m[0] == shape[0] && m[1] == shape[1] && m[2] == 1 &&
-                   m[3] == shape[3];
-  if (!row) {
-    if (ffi::Error error = CheckSameShape(mask, x, "the mask"); error.failure()) return error;
+  const Dims& d = args->dims;
+  if (ffi::Error error = CheckCount(mask, row ? d.G * d.A * d.B : Size(d), "the mask");
+      error.failure()) {
+    return error;
   }
-  args->mask_kind = row && shape[2] != 1 ? MaskKind::kRow : MaskKind::kFull;
+  args->mask_kind = row && d.C != 1 ? MaskKind::kRow : MaskKind::kFull;
   args->mask = static_cast<const uint8_t*>(mask.untyped_data());
   return ffi::Error::Success();
 }
@@ -299,17 +299,20 @@ ffi::Error ReadMask(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& x, ReduceA
 // Handlers.
 
 ffi::Error ShiftedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift,
-                           ffi::RemainingArgs mask, ffi::ResultBuffer<ffi::F32> s1,
-                           ffi::ResultBuffer<ffi::F32> s2) {
+                           ffi::RemainingArgs mask, int64_t view, bool row_mask,
+                           ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
   ReduceArgs args{};
-  JAXBN_RETURN_IF_ERROR(ReadInput(x, &args.dims, &args.x_type));
-  JAXBN_RETURN_IF_ERROR(CheckPerFeature(shift, args.dims, "the shift"));
+  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args.dims, &args.x_type));
+  const int64_t features = args.dims.G * args.dims.C;
+  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(*s1, features, "S1"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(*s2, features, "S2"));
   args.x = x.untyped_data();
   args.shift = shift.typed_data();
   if (mask.size() == 1) {
     auto m = mask.get<ffi::AnyBuffer>(0);
     if (m.has_error()) return m.error();
-    JAXBN_RETURN_IF_ERROR(ReadMask(*m, x, &args));
+    JAXBN_RETURN_IF_ERROR(ReadMask(*m, row_mask, &args));
   }
   Reduce(pool, args, Kernels().shifted_sums, s1->typed_data(), s2->typed_data());
   return ffi::Error::Success();
@@ -317,13 +320,16 @@ ffi::Error ShiftedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
 
 // Operands after (t, x, shift): the mask if `masked`, then the gate z if `gated`.
 ffi::Error WeightedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer t, ffi::AnyBuffer x,
-                            ffi::Buffer<ffi::F32> shift, ffi::RemainingArgs rest, float slope,
-                            bool masked, bool gated, ffi::ResultBuffer<ffi::F32> s1,
-                            ffi::ResultBuffer<ffi::F32> s2) {
+                            ffi::Buffer<ffi::F32> shift, ffi::RemainingArgs rest, int64_t view,
+                            float slope, bool masked, bool gated, bool row_mask,
+                            ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
   ReduceArgs args{};
-  JAXBN_RETURN_IF_ERROR(ReadInput(x, &args.dims, &args.x_type));
-  JAXBN_RETURN_IF_ERROR(CheckPerFeature(shift, args.dims, "the shift"));
-  JAXBN_RETURN_IF_ERROR(CheckSameShape(t, x, "the weighted operand"));
+  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args.dims, &args.x_type));
+  const int64_t features = args.dims.G * args.dims.C;
+  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(*s1, features, "the weighted sum"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(*s2, features, "the weighted sum"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(t, Size(args.dims), "the weighted operand"));
   const auto t_type = KernelType(t.element_type());
   if (!t_type || (*t_type != DType::kF32 && *t_type != args.x_type)) {
     return InvalidArgument("the weighted operand must be float32 or of the input's dtype");
@@ -340,12 +346,12 @@ ffi::Error WeightedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer t, ffi::AnyBuff
   if (masked) {
     auto m = rest.get<ffi::AnyBuffer>(0);
     if (m.has_error()) return m.error();
-    JAXBN_RETURN_IF_ERROR(ReadMask(*m, x, &args));
+    JAXBN_RETURN_IF_ERROR(ReadMask(*m, row_mask, &args));
   }
   if (gated) {
     auto z = rest.get<ffi::AnyBuffer>(masked ? 1 : 0);
     if (z.has_error()) return z.error();
-    JAXBN_RETURN_IF_ERROR(CheckSameShape(*z, x, "the gate"));
+    JAXBN_RETURN_IF_ERROR(CheckCount(*z, Size(args.dims), "the gate"));
     if (z->element_type() != x.element_type()) {
       return InvalidArgument("the gate must have the input's dtype");
     }
@@ -358,13 +364,15 @@ ffi::Error WeightedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer t, ffi::AnyBuff
 // Operands after (x, shift, a, b): the residual, if any.
 ffi::Error ShiftedAffineImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift,
                              ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                             ffi::RemainingArgs residual, float slope, int64_t activation,
-                             ffi::Result<ffi::AnyBuffer> z) {
+                             ffi::RemainingArgs residual, int64_t view, float slope,
+                             int64_t activation, ffi::Result<ffi::AnyBuffer> z) {
   AffineArgs args{};
-  JAXBN_RETURN_IF_ERROR(ReadInput(x, &args.dims, &args.x_type));
-  JAXBN_RETURN_IF_ERROR(CheckPerFeature(shift, args.dims, "the shift"));
-  JAXBN_RETURN_IF_ERROR(CheckPerFeature(a, args.dims, "a"));
-  JAXBN_RETURN_IF_ERROR(CheckPerFeature(b, args.dims, "b"));
+  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args.dims, &args.x_type));
+  const int64_t features = args.dims.G * args.dims.C;
+  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(a, features, "a"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(b, features, "b"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(*z, Size(args.dims), "the output"));
   if (z->element_type() != x.element_type()) {
     return InvalidArgument("the output must have the input's dtype");
   }
@@ -381,7 +389,7 @@ ffi::Error ShiftedAffineImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
   if (residual.size() == 1) {
     auto r = residual.get<ffi::AnyBuffer>(0);
     if (r.has_error()) return r.error();
-    JAXBN_RETURN_IF_ERROR(CheckSameShape(*r, x, "the residual"));
+    JAXBN_RETURN_IF_ERROR(CheckCount(*r, Size(args.dims), "the residual"));
     const auto r_type = KernelType(r->element_type());
     if (!r_type || (*r_type != DType::kF32 && *r_type != args.x_type)) {
       return InvalidArgument("the residual must be float32 or of the input's dtype");
@@ -390,9 +398,8 @@ ffi::Error ShiftedAffineImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
     args.r_type = *r_type;
     args.r = r->untyped_data();
   }
-  const Dims d = args.dims;
-  if (d.G * d.A * d.C * d.B == 0) return ffi::Error::Success();
-  const Plan plan(d);
+  if (Size(args.dims) == 0) return ffi::Error::Success();
+  const Plan plan(args.dims);
   const KernelSet& kernels = Kernels();
   ParallelFor(pool, plan.tasks(), [&](int64_t i) { kernels.affine(args, plan.At(i)); });
   return ffi::Error::Success();
@@ -407,6 +414,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnShiftedSums, jaxbn::ShiftedSumsImpl,
                                   .Arg<ffi::AnyBuffer>()          // x, as stored
                                   .Arg<ffi::Buffer<ffi::F32>>()  // K
                                   .RemainingArgs()                // [mask]
+                                  .Attr<int64_t>("view")
+                                  .Attr<bool>("row_mask")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // S1
                                   .Ret<ffi::Buffer<ffi::F32>>()  // S2
 );
@@ -418,9 +427,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnWeightedSums, jaxbn::WeightedSumsImpl,
                                   .Arg<ffi::AnyBuffer>()          // x, as stored
                                   .Arg<ffi::Buffer<ffi::F32>>()  // K
                                   .RemainingArgs()                // [mask], [z]
+                                  .Attr<int64_t>("view")
                                   .Attr<float>("slope")
                                   .Attr<bool>("masked")
                                   .Attr<bool>("gated")
+                                  .Attr<bool>("row_mask")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum(w t)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum(w t (x - K))
 );
@@ -433,6 +444,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnShiftedAffine, jaxbn::ShiftedAffineImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .RemainingArgs()                // [residual]
+                                  .Attr<int64_t>("view")
                                   .Attr<float>("slope")
                                   .Attr<int64_t>("activation")
                                   .Ret<ffi::AnyBuffer>()  // z
