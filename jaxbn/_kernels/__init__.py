@@ -14,6 +14,9 @@ fused XLA path on CPU. Results are bitwise the same whatever the number of
 threads.
 
 ``available()`` tells whether the kernels are loaded; ``reason()`` why not.
+``jax.export`` takes a program that calls them with
+``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]``;
+the exported program then needs jaxbn's kernels wherever it runs.
 They are not when the build found no C++17 compiler, or with
 ``JAXBN_DISABLE_KERNELS=1``: the functions then fall back to the XLA path.
 """
@@ -27,12 +30,14 @@ from jaxbn._kernels._library import reason as reason
 from jaxbn._kernels._ops import shifted_affine as shifted_affine
 from jaxbn._kernels._ops import shifted_affine_act as shifted_affine_act
 from jaxbn._kernels._ops import shifted_sums as shifted_sums
+from jaxbn._kernels._primitives import TARGETS as TARGETS
 
 available()  # load and register the kernels now, so exported programs find them too
 
 __all__ = [
     "DISABLE_ENV",
     "Layout",
+    "TARGETS",
     "available",
     "isa",
     "layout",

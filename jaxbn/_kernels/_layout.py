@@ -32,19 +32,26 @@ class Layout(NamedTuple):
   features: tuple[int, ...]
   columns: tuple[int, ...]
 
+  @property
+  def reduced(self) -> tuple[int, ...]:
+    """The reduction axes (size-1 axes may be missing: they change no sum)."""
+    return self.rows + self.columns
+
   def dims(self, shape) -> tuple:
     """``(G, A, C, B)``: the products of the sizes of each block."""
     return tuple(math.prod(shape[i] for i in block) for block in self)
 
-  def per_feature(self, shape) -> tuple:
-    """``(G, 1, C, 1)``, the view of per-feature values."""
-    g, _, c, _ = self.dims(shape)
-    return (g, 1, c, 1)
+  def keepdims(self, shape) -> tuple:
+    """The shape of per-feature values: ``shape`` with size 1 on the reduction axes."""
+    return tuple(1 if i in self.reduced else size for i, size in enumerate(shape))
 
   def row_mask(self, shape) -> tuple:
-    """``(G, A, 1, B)``, the view of a mask that is the same for every feature."""
-    g, a, _, b = self.dims(shape)
-    return (g, a, 1, b)
+    """The shape of a mask that is the same for every feature: size 1 on the features."""
+    return tuple(1 if i in self.features else size for i, size in enumerate(shape))
+
+  def with_leading_group(self) -> "Layout":
+    """The layout of a stack of such arrays along a new axis 0, each its own group."""
+    return Layout(*((0,) * (k == 0) + tuple(i + 1 for i in block) for k, block in enumerate(self)))
 
 
 def layout(shape, kept) -> Layout | None:

@@ -4,9 +4,9 @@
 the arguments of ``_fused.shifted_sums``, ``_fused.shifted_affine`` and
 ``_activation.shifted_affine_act`` and compute the same values, with the
 same convention: ``x`` in the compute dtype gives the tangent, ``stored`` (the
-caller's array) the values. They view the arrays as ``(G, A, C, B)``
-(``_layout``) and call the primitives (``_primitives``), which run the
-compiled kernels on CPU.
+caller's array) the values. They find the ``(G, A, C, B)`` view of the input
+(``_layout``) and call the primitives (``_primitives``) on the arrays as
+they are, which run the compiled kernels on CPU.
 
 They fall back to those fused functions when the kernels are not loaded
 (``available()`` is False) or the layout has no ``(G, A, C, B)`` view.
@@ -32,14 +32,16 @@ def _padded_shape(value, ndim):
   return (1,) * (ndim - len(shape)) + tuple(shape)
 
 
-def _mask_view(view, mask, shape):
-  """``mask`` as a row mask ``(G, A, 1, B)`` if it is the same for every feature, else full."""
+def _mask_operand(layout, mask, shape):
+  """``mask`` as a row mask (size 1 on the features) if it is the same for every feature.
+
+  A full mask, of the input's shape, otherwise.
+  """
   mask = jnp.asarray(mask, bool)
   mask = mask.reshape(_padded_shape(mask, len(shape)))
-  if all(_layout.is_one(mask.shape[i]) for i in view.features):
-    row = tuple(1 if i in view.features else size for i, size in enumerate(shape))
-    return jnp.broadcast_to(mask, row).reshape(view.row_mask(shape))
-  return jnp.broadcast_to(mask, shape).reshape(view.dims(shape))
+  if all(_layout.is_one(mask.shape[i]) for i in layout.features):
+    return jnp.broadcast_to(mask, layout.row_mask(shape))
+  return jnp.broadcast_to(mask, shape)
 
 
 def shifted_sums(axes, x, stored, shift, mask):
@@ -54,47 +56,32 @@ def shifted_sums(axes, x, stored, shift, mask):
     ``(S1, S2)`` with size-1 reduction axes, in the compute dtype.
   """
   axes = tuple(sorted(a % x.ndim for a in axes))
-  kept = [i for i in range(x.ndim) if i not in axes]
-  view = _view(x, kept)
-  if view is None:
+  layout = _view(x, [i for i in range(x.ndim) if i not in axes])
+  if layout is None:
     return _fused.shifted_sums(axes, x, stored, shift, mask)
-  keep = tuple(1 if i in axes else size for i, size in enumerate(x.shape))
-  dims = view.dims(x.shape)
-  s1, s2 = _primitives.shifted_sums(
-      x.reshape(dims),
-      stored.reshape(dims),
-      jnp.broadcast_to(shift, keep).astype(x.dtype).reshape(view.per_feature(x.shape)),
-      None if mask is None else _mask_view(view, mask, x.shape),
+  keep = layout.keepdims(x.shape)
+  return _primitives.shifted_sums(
+      x,
+      stored,
+      jnp.broadcast_to(shift, keep).astype(x.dtype),
+      None if mask is None else _mask_operand(layout, mask, x.shape),
+      layout=layout,
   )
-  return s1.reshape(keep), s2.reshape(keep)
-
-
-def _affine_view(x, per_feature):
-  """The view for the per-feature operands' kept axes, and their keepdims shape."""
-  shapes = [_padded_shape(v, x.ndim) for v in per_feature]
-  kept = [i for i in range(x.ndim) if any(not _layout.is_one(s[i]) for s in shapes)]
-  keep = tuple(size if i in kept else 1 for i, size in enumerate(x.shape))
-  return _view(x, kept), keep
 
 
 def _affine(x, stored, shift, a, b, residual, slope):
   """``act((x - K) a + b + r)`` through the primitive; None when the kernels cannot take it."""
-  view, keep = _affine_view(x, (shift, a, b))
-  if view is None:
+  per_feature = [_padded_shape(v, x.ndim) for v in (shift, a, b)]
+  kept = [i for i in range(x.ndim) if any(not _layout.is_one(s[i]) for s in per_feature)]
+  layout = _view(x, kept)
+  if layout is None:
     return None
-  dims, per_feature = view.dims(x.shape), view.per_feature(x.shape)
-  shift, a, b = (jnp.broadcast_to(v, keep).astype(x.dtype).reshape(per_feature)
-                 for v in (shift, a, b))
-  z = _primitives.shifted_affine(
-      x.reshape(dims),
-      stored.reshape(dims),
-      shift,
-      a,
-      b,
-      None if residual is None else jnp.asarray(residual).reshape(dims),
-      slope=slope,
+  keep = layout.keepdims(x.shape)
+  shift, a, b = (jnp.broadcast_to(v, keep).astype(x.dtype) for v in (shift, a, b))
+  return _primitives.shifted_affine(
+      x, stored, shift, a, b, None if residual is None else jnp.asarray(residual),
+      layout=layout, slope=slope,
   )
-  return z.reshape(x.shape)
 
 
 def shifted_affine(x, stored, shift, a, b) -> jax.Array:

@@ -1,10 +1,11 @@
 """The kernels as JAX primitives, each beside its plain-JAX reference.
 
-Every operand is in the ``(G, A, C, B)`` view of ``jaxbn._kernels._layout``:
-``x``-sized arrays are ``(G, A, C, B)``, per-feature ones ``(G, 1, C, 1)``
-and masks ``(G, A, 1, B)`` (a "row" mask, the same for every feature) or
-``(G, A, C, B)``. The sums run over the axes ``(1, 3)``. With ``K`` the
-shift, ``m`` the mask and ``act'(z) = 1 if z > 0 else s``::
+Operands keep the caller's shapes; the static ``layout`` (``_layout.Layout``)
+says which axes are features and which are reduced. ``x``-sized operands
+have the input's shape, per-feature ones size 1 on the reduction axes
+(keepdims), and a mask is either a "row" mask (size 1 on the feature axes:
+the same for every feature) or of the input's shape. With ``K`` the shift,
+``m`` the mask and ``act'(z) = 1 if z > 0 else s``::
 
     shifted_sums_p(x, stored, K, [m])              -> (sum m (x - K), sum m (x - K)^2)
     weighted_sums_p(t, stored, K, [m], [z]; s)     -> (sum w t, sum w t (x - K)),
@@ -15,22 +16,22 @@ shift, ``m`` the mask and ``act'(z) = 1 if z > 0 else s``::
                                                                  (linear in u, da, db)
 
 ``x`` is the input in the compute dtype (at least float32): only its
-tangent is used. ``stored`` is the same values as the caller holds them,
+tangent is used. ``stored`` holds the same values as the caller keeps them,
 possibly in half precision: the kernels read it as stored and convert in
 registers. ``z`` has the dtype of ``stored``; sums and per-feature values
-the compute dtype.
+the compute dtype. ``s`` is 1 without an activation, 0 for relu.
 
 Differentiation is arranged so that reverse mode moves the fewest bytes.
 The tangent of the sums is ``(w1, 2 w2)`` with ``(w1, w2) =
 weighted_sums_p(dx, ...)``; the tangent of the affine map is
-``affine_tangent_p(dx a + dr, da, db, ...)``. Transposed, ``affine_tangent_p``
-gives ``da, db`` from one kernel pass over ``(dz, z, x)``, and both linear
-primitives give their ``N``-sized cotangents as plain elementwise JAX, which
-XLA fuses into the one pass that writes ``dx``:
+``affine_tangent_p(dx a + dr, da, db - a dK, ...)``. Transposed,
+``affine_tangent_p`` gives ``da, db`` from one kernel pass over
+``(dz, z, x)``, and both linear primitives give their ``x``-sized cotangents
+as plain elementwise JAX, which XLA fuses into the one pass that writes
 ``dx = a act'(z) dz + m (c1 + c2 (x - K))``. Forward: 3 N bytes (sums 1 N,
 affine 2 N); backward: 5 N (7 N with an activation, which reads ``z``).
-Reverse mode keeps ``stored``, ``z`` (with an activation), the mask and
-per-feature values: never ``x - K`` or a float32 copy of ``x``.
+Reverse mode keeps ``stored`` itself, ``z`` (with an activation), the mask
+and per-feature values: never ``x - K`` or a float32 copy of ``x``.
 
 The linear primitives are differentiated again (``hessian``,
 ``check_grads(order=2)``) through their linear operands by themselves, and
@@ -40,11 +41,12 @@ JAX and so transposable.
 Lowering: on CPU, the compiled kernel when it is loaded and takes the
 operands (float32, bfloat16 or float16 storage; float32 per-feature values),
 the shapes are not empty, and XLA does not partition the module over several
-devices (a custom call there would make XLA gather ``x`` on every device; see
-``_partitioned``). Everywhere else, and for float64, the reference.
-``affine_tangent_p`` runs only in forward mode and is always its reference.
+devices (see ``_partitioned``). Everywhere else, and for float64, the
+reference. ``affine_tangent_p`` runs only in forward mode and is always its
+reference.
 """
 
+import math
 from functools import partial
 
 import jax
@@ -55,9 +57,9 @@ from jax.interpreters import ad, batching, mlir, xla
 
 from jaxbn._kernels import _layout, _library
 
-SUM_AXES = (1, 3)  # A and B
+TARGETS = ("jaxbn_shifted_sums", "jaxbn_weighted_sums", "jaxbn_shifted_affine")
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-ACTIVATION_CODES = {1.0: 0, 0.0: 1}  # the kernel's Act: identity, relu; any other slope leaky
+ACTIVATION_CODES = {1.0: 0, 0.0: 1}  # the kernel's Act: identity, relu; other slopes leaky
 
 
 # ---------------------------------------------------------------------------
@@ -81,44 +83,38 @@ def activate(slope: float, u):
   return jnp.where(u > 0, u, jnp.zeros_like(u) if slope == 0.0 else slope * u)
 
 
-def _split(operands, *present):
-  """``operands`` with ``None`` put in for the optional ones that are absent."""
-  operands, out = list(operands), []
-  for here in present:
-    out.append(operands.pop(0) if here else None)
-  return out + operands
-
-
-def shifted_sums_reference(x, stored, shift, mask=None):
-  """``(sum m (x - K), sum m (x - K)^2)`` over ``(A, B)``, read from ``stored``."""
+def shifted_sums_reference(x, stored, shift, mask=None, *, layout):
+  """``(sum m (x - K), sum m (x - K)^2)`` over the reduction axes, read from ``stored``."""
   deviation = masked_value(mask, stored.astype(x.dtype) - shift)
   return (
-      jnp.sum(deviation, SUM_AXES, keepdims=True),
-      jnp.sum(deviation * deviation, SUM_AXES, keepdims=True),
+      jnp.sum(deviation, layout.reduced, keepdims=True),
+      jnp.sum(deviation * deviation, layout.reduced, keepdims=True),
   )
 
 
-def weighted_sums_reference(t, stored, shift, mask=None, z=None, *, slope=1.0):
+def weighted_sums_reference(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
   """``(sum w t, sum w t (x - K))`` with ``w = m act'(z)``, in the dtype of ``shift``."""
   weighted = masked_value(mask, gate(slope, z, t.astype(shift.dtype)))
   deviation = stored.astype(shift.dtype) - shift
   return (
-      jnp.sum(weighted, SUM_AXES, keepdims=True),
-      jnp.sum(weighted * deviation, SUM_AXES, keepdims=True),
+      jnp.sum(weighted, layout.reduced, keepdims=True),
+      jnp.sum(weighted * deviation, layout.reduced, keepdims=True),
   )
 
 
-def shifted_affine_reference(x, stored, shift, a, b, residual=None, *, slope=1.0):
+def shifted_affine_reference(x, stored, shift, a, b, residual=None, *, layout, slope=1.0):
   """``act((x - K) a + b + r)`` in the dtype of ``stored``."""
+  del layout
   u = (stored.astype(x.dtype) - shift) * a + b
   if residual is not None:
     u = u + residual.astype(u.dtype)
   return activate(slope, u).astype(stored.dtype)
 
 
-def affine_tangent_reference(u, da, db, stored, shift, z=None, *, slope=1.0):
+def affine_tangent_reference(u, da, db, stored, shift, z=None, *, layout, slope=1.0):
   """``act'(z) (u + (x - K) da + db)`` in the dtype of ``stored``; ``None`` terms are 0."""
-  terms = [u] if u is not None else []
+  del layout
+  terms = [] if u is None else [u]
   if da is not None:
     terms.append((stored.astype(shift.dtype) - shift) * da)
   if db is not None:
@@ -128,7 +124,15 @@ def affine_tangent_reference(u, da, db, stored, shift, z=None, *, slope=1.0):
 
 
 # ---------------------------------------------------------------------------
-# Binding, with the optional operands as flags.
+# Binding: optional operands are left out, with flags saying which are there.
+
+
+def _split(operands, *present):
+  """``operands`` with ``None`` put in for the optional ones that are absent."""
+  operands, out = list(operands), []
+  for here in present:
+    out.append(operands.pop(0) if here else None)
+  return out + operands
 
 
 def _aligned(*operands):
@@ -147,56 +151,56 @@ def _aligned(*operands):
   ]
 
 
-def shifted_sums(x, stored, shift, mask=None):
-  operands = [x, stored, shift] + ([mask] if mask is not None else [])
-  return tuple(shifted_sums_p.bind(*_aligned(*operands), masked=mask is not None))
+def _present(*optional):
+  return [v for v in optional if v is not None]
 
 
-def weighted_sums(t, stored, shift, mask=None, z=None, *, slope=1.0):
-  gated = z is not None and slope != 1.0
-  operands = [t, stored, shift] + [v for v in (mask, z if gated else None) if v is not None]
+def shifted_sums(x, stored, shift, mask=None, *, layout):
+  operands = [x, stored, shift, *_present(mask)]
+  return tuple(
+      shifted_sums_p.bind(*_aligned(*operands), layout=layout, masked=mask is not None)
+  )
+
+
+def weighted_sums(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
+  z = None if slope == 1.0 else z  # act' = 1: no gate to read
   return tuple(
       weighted_sums_p.bind(
-          *_aligned(*operands), masked=mask is not None, gated=gated, slope=float(slope)
+          *_aligned(t, stored, shift, *_present(mask, z)),
+          layout=layout, masked=mask is not None, gated=z is not None, slope=float(slope),
       )
   )
 
 
-def shifted_affine(x, stored, shift, a, b, residual=None, *, slope=1.0):
-  operands = [x, stored, shift, a, b] + ([residual] if residual is not None else [])
+def shifted_affine(x, stored, shift, a, b, residual=None, *, layout, slope=1.0):
   return shifted_affine_p.bind(
-      *_aligned(*operands), has_residual=residual is not None, slope=float(slope)
+      *_aligned(x, stored, shift, a, b, *_present(residual)),
+      layout=layout, has_residual=residual is not None, slope=float(slope),
   )
 
 
-def affine_tangent(u, da, db, stored, shift, z=None, *, slope=1.0):
-  gated = z is not None and slope != 1.0
-  linear = [v for v in (u, da, db) if v is not None]
-  operands = linear + [stored, shift] + ([z] if gated else [])
+def affine_tangent(u, da, db, stored, shift, z=None, *, layout, slope=1.0):
+  z = None if slope == 1.0 else z
   return affine_tangent_p.bind(
-      *_aligned(*operands),
-      has_u=u is not None,
-      has_da=da is not None,
-      has_db=db is not None,
-      gated=gated,
-      slope=float(slope),
+      *_aligned(*_present(u, da, db), stored, shift, *_present(z)),
+      layout=layout, has_u=u is not None, has_da=da is not None, has_db=db is not None,
+      gated=z is not None, slope=float(slope),
   )
 
 
-def _sums_args(operands, masked):
-  x, stored, shift, mask = _split(operands, True, True, True, masked)
-  return x, stored, shift, mask
+def _sums_args(operands, masked, **_):
+  return _split(operands, True, True, True, masked)
 
 
-def _weighted_args(operands, masked, gated):
+def _weighted_args(operands, masked, gated, **_):
   return _split(operands, True, True, True, masked, gated)
 
 
-def _affine_args(operands, has_residual):
+def _affine_args(operands, has_residual, **_):
   return _split(operands, True, True, True, True, True, has_residual)
 
 
-def _tangent_args(operands, has_u, has_da, has_db, gated):
+def _tangent_args(operands, has_u, has_da, has_db, gated, **_):
   return _split(operands, has_u, has_da, has_db, True, True, gated)
 
 
@@ -217,71 +221,58 @@ shifted_affine_p = _primitive("jaxbn_shifted_affine", False)
 affine_tangent_p = _primitive("jaxbn_affine_tangent", False)
 
 
-def _check_view(name, big, per_feature):
-  if big.ndim != 4 or per_feature.shape != (big.shape[0], 1, big.shape[2], 1):
+def _check(name, layout, stored, shift, mask=None):
+  """Per-feature values of the keepdims shape and a row or full boolean mask, or a ValueError."""
+  shapes = (layout.row_mask(stored.shape), stored.shape)
+  if shift.shape != layout.keepdims(stored.shape) or (
+      mask is not None and (mask.shape not in shapes or mask.dtype != jnp.bool_)
+  ):
     raise ValueError(
-        f"{name}: operands must be in the (G, A, C, B) view with per-feature values of shape "
-        f"(G, 1, C, 1); got {big.shape} and {per_feature.shape}."
+        f"{name}: with features on the axes {layout.groups + layout.features} of an input of "
+        f"shape {stored.shape}, per-feature values must have the shape "
+        f"{layout.keepdims(stored.shape)} and a boolean mask one of {shapes}; got "
+        f"{shift.shape}{'' if mask is None else f' and a {mask.dtype} mask {mask.shape}'}."
     )
 
 
-def _per_feature_aval(shift, dtype):
-  return shift.update(dtype=jnp.dtype(dtype), weak_type=False)
-
-
 @shifted_sums_p.def_abstract_eval
-def _shifted_sums_abstract(*operands, masked):
-  x, stored, shift, _ = _sums_args(operands, masked)
-  _check_view("shifted_sums", stored, shift)
-  return [_per_feature_aval(shift, x.dtype)] * 2
+def _shifted_sums_abstract(*operands, layout, masked):
+  x, stored, shift, mask = _sums_args(operands, masked)
+  _check("shifted_sums", layout, stored, shift, mask)
+  return [shift.update(dtype=x.dtype, weak_type=False)] * 2
 
 
 @weighted_sums_p.def_abstract_eval
-def _weighted_sums_abstract(*operands, masked, gated, slope):
-  _, stored, shift, _, _ = _weighted_args(operands, masked, gated)
-  _check_view("weighted_sums", stored, shift)
-  return [_per_feature_aval(shift, shift.dtype)] * 2
+def _weighted_sums_abstract(*operands, layout, masked, gated, slope):
+  _, stored, shift, mask, _ = _weighted_args(operands, masked, gated)
+  _check("weighted_sums", layout, stored, shift, mask)
+  return [shift.update(weak_type=False)] * 2
 
 
 @shifted_affine_p.def_abstract_eval
-def _shifted_affine_abstract(*operands, has_residual, slope):
+def _shifted_affine_abstract(*operands, layout, has_residual, slope):
   _, stored, shift, *_ = _affine_args(operands, has_residual)
-  _check_view("shifted_affine", stored, shift)
+  _check("shifted_affine", layout, stored, shift)
   return stored.update(weak_type=False)
 
 
 @affine_tangent_p.def_abstract_eval
-def _affine_tangent_abstract(*operands, has_u, has_da, has_db, gated, slope):
+def _affine_tangent_abstract(*operands, layout, has_u, has_da, has_db, gated, slope):
   *_, stored, shift, _ = _tangent_args(operands, has_u, has_da, has_db, gated)
-  _check_view("affine_tangent", stored, shift)
+  _check("affine_tangent", layout, stored, shift)
   return stored.update(weak_type=False)
 
 
 # Each primitive's reference, taking its operands and parameters.
-
-
-def _shifted_sums_ref(*operands, masked):
-  return shifted_sums_reference(*_sums_args(operands, masked))
-
-
-def _weighted_sums_ref(*operands, masked, gated, slope):
-  return weighted_sums_reference(*_weighted_args(operands, masked, gated), slope=slope)
-
-
-def _shifted_affine_ref(*operands, has_residual, slope):
-  return shifted_affine_reference(*_affine_args(operands, has_residual), slope=slope)
-
-
-def _affine_tangent_ref(*operands, has_u, has_da, has_db, gated, slope):
-  args = _tangent_args(operands, has_u, has_da, has_db, gated)
-  return affine_tangent_reference(*args, slope=slope)
-
-
 REFERENCES = {
-    shifted_sums_p: _shifted_sums_ref,
-    weighted_sums_p: _weighted_sums_ref,
-    shifted_affine_p: _shifted_affine_ref,
-    affine_tangent_p: _affine_tangent_ref,
+    shifted_sums_p: lambda *o, layout, masked: shifted_sums_reference(
+        *_sums_args(o, masked), layout=layout),
+    weighted_sums_p: lambda *o, layout, slope, **flags: weighted_sums_reference(
+        *_weighted_args(o, **flags), layout=layout, slope=slope),
+    shifted_affine_p: lambda *o, layout, slope, **flags: shifted_affine_reference(
+        *_affine_args(o, **flags), layout=layout, slope=slope),
+    affine_tangent_p: lambda *o, layout, slope, **flags: affine_tangent_reference(
+        *_tangent_args(o, **flags), layout=layout, slope=slope),
 }
 
 
@@ -291,6 +282,10 @@ REFERENCES = {
 
 def _is_zero(tangent) -> bool:
   return type(tangent) is ad.Zero
+
+
+def _nonzero(tangent):
+  return None if _is_zero(tangent) else tangent
 
 
 def _zero_like(value):
@@ -322,19 +317,19 @@ def _reference_tangent(reference, operands, tangents, positions, **params):
   return jax.jvp(through, [operands[i] for i in live], [tangents[i] for i in live])[1]
 
 
-def _shifted_sums_jvp(primals, tangents, *, masked):
+def _shifted_sums_jvp(primals, tangents, *, layout, masked):
   x, stored, shift, mask = _sums_args(primals, masked)
   dx, _, dshift, _ = _sums_args(tangents, masked)  # `stored` lends its values only
-  s1, s2 = shifted_sums_p.bind(*primals, masked=masked)
+  s1, s2 = shifted_sums_p.bind(*primals, layout=layout, masked=masked)
   ds1 = ds2 = None
   if not _is_zero(dx):
-    w1, w2 = weighted_sums(dx, stored, shift, mask)
+    w1, w2 = weighted_sums(dx, stored, shift, mask, layout=layout)
     ds1, ds2 = w1, 2 * w2
   if not _is_zero(dshift):  # d/dK sum m (x - K) = -n,  d/dK sum m (x - K)^2 = -2 S1
     if mask is None:
-      count = jnp.asarray(stored.shape[1] * stored.shape[3], x.dtype)
+      count = math.prod(stored.shape[i] for i in layout.reduced)
     else:
-      count = jnp.sum(mask, SUM_AXES, keepdims=True, dtype=x.dtype)
+      count = jnp.sum(mask, layout.reduced, keepdims=True, dtype=x.dtype)
     ds1, ds2 = _add(ds1, -count * dshift), _add(ds2, -2 * s1 * dshift)
   return (s1, s2), (
       _zero_like(s1) if ds1 is None else ds1,
@@ -342,59 +337,50 @@ def _shifted_sums_jvp(primals, tangents, *, masked):
   )
 
 
-def _weighted_sums_jvp(primals, tangents, *, masked, gated, slope):
-  params = dict(masked=masked, gated=gated, slope=slope)
+def _weighted_sums_jvp(primals, tangents, *, layout, masked, gated, slope):
+  params = dict(layout=layout, masked=masked, gated=gated, slope=slope)
   out = weighted_sums_p.bind(*primals, **params)
-  t, *rest = primals
-  dt = tangents[0]
   d1 = d2 = None
-  if not _is_zero(dt):  # linear in t
-    d1, d2 = weighted_sums_p.bind(dt.astype(t.dtype), *rest, **params)
+  if not _is_zero(tangents[0]):  # linear in t
+    d1, d2 = weighted_sums_p.bind(tangents[0], *primals[1:], **params)
   # Through x, K and z (whose derivative vanishes), by the reference.
-  args = _weighted_args(primals, masked, gated)
-  dargs = _weighted_args(tangents, masked, gated)
   through = _reference_tangent(
-      weighted_sums_reference, args, dargs, (1, 2, 4), slope=slope
+      weighted_sums_reference, _weighted_args(primals, masked, gated),
+      _weighted_args(tangents, masked, gated), (1, 2, 4), layout=layout, slope=slope,
   )
   if through is not None:
     d1, d2 = _add(d1, through[0]), _add(d2, through[1])
   return out, [_zero_like(o) if d is None else d for o, d in zip(out, (d1, d2), strict=True)]
 
 
-def _shifted_affine_jvp(primals, tangents, *, has_residual, slope):
-  x, stored, shift, a, b, residual = _affine_args(primals, has_residual)
+def _shifted_affine_jvp(primals, tangents, *, layout, has_residual, slope):
+  x, stored, shift, a, b, _ = _affine_args(primals, has_residual)
   dx, _, dshift, da, db, dresidual = _affine_args(tangents, has_residual)
-  z = shifted_affine_p.bind(*primals, has_residual=has_residual, slope=slope)
-  # dz = act'(z) (dx a + (x - K) da + (db - a dK) + dr)
+  z = shifted_affine_p.bind(*primals, layout=layout, has_residual=has_residual, slope=slope)
+  # dz = act'(z) (dx a + dr + (x - K) da + (db - a dK))
   u = None if _is_zero(dx) else dx * a
   if has_residual and not _is_zero(dresidual):
     u = _add(u, dresidual.astype(x.dtype))
   if u is not None:
     u = jnp.broadcast_to(u, stored.shape)
-  da = None if _is_zero(da) else da
-  db = None if _is_zero(db) else db
+  db = _nonzero(db)
   if not _is_zero(dshift):
     db = _add(db, -a * dshift)
-  if u is None and da is None and db is None:
+  if u is None and _is_zero(da) and db is None:
     return z, _zero_like(z)
-  return z, affine_tangent(u, da, db, stored, shift, z, slope=slope)
+  return z, affine_tangent(u, _nonzero(da), db, stored, shift, z, layout=layout, slope=slope)
 
 
-def _affine_tangent_jvp(primals, tangents, *, has_u, has_da, has_db, gated, slope):
-  flags = dict(has_u=has_u, has_da=has_da, has_db=has_db, gated=gated)
-  out = affine_tangent_p.bind(*primals, **flags, slope=slope)
-  args = _tangent_args(primals, **flags)
-  dargs = _tangent_args(tangents, **flags)
-  linear = [
-      None if v is None or _is_zero(dv) else dv
-      for v, dv in zip(args[:3], dargs[:3], strict=True)
-  ]
+def _affine_tangent_jvp(primals, tangents, *, layout, slope, **flags):
+  out = affine_tangent_p.bind(*primals, layout=layout, slope=slope, **flags)
+  args, dargs = _tangent_args(primals, **flags), _tangent_args(tangents, **flags)
   total = None
+  linear = [None if v is None else _nonzero(dv) for v, dv in zip(args[:3], dargs[:3], strict=True)]
   if any(v is not None for v in linear):  # linear in u, da, db
-    total = affine_tangent(*linear, *args[3:], slope=slope)
+    total = affine_tangent(*linear, *args[3:], layout=layout, slope=slope)
   # Through x, K and z (whose derivative vanishes), by the reference.
-  total = _add(total, _reference_tangent(affine_tangent_reference, args, dargs, (3, 4, 5),
-                                         slope=slope))
+  total = _add(total, _reference_tangent(
+      affine_tangent_reference, args, dargs, (3, 4, 5), layout=layout, slope=slope))
   return out, _zero_like(out) if total is None else total
 
 
@@ -417,45 +403,37 @@ def _value(operand):
   return operand
 
 
-def _weighted_sums_transpose(cts, *operands, masked, gated, slope):
+def _weighted_sums_transpose(cts, *operands, layout, masked, gated, slope):
   """``t_bar = w (c1 + c2 (x - K))``, plain JAX that XLA fuses into its consumer."""
   t, stored, shift, mask, z = _weighted_args(operands, masked, gated)
-  stored, shift, mask, z = (None if v is None else _value(v) for v in (stored, shift, mask, z))
-  ct1, ct2 = cts
+  stored, shift = _value(stored), _value(shift)
+  ct1, ct2 = (_nonzero(ct) for ct in cts)
   none = [None] * len(operands)
-  if not ad.is_undefined_primal(t) or (_is_zero(ct1) and _is_zero(ct2)):
+  if not ad.is_undefined_primal(t) or (ct1 is None and ct2 is None):
     return none
-  dtype = shift.dtype
-  total = None
-  if not _is_zero(ct2):
-    total = ct2 * (stored.astype(dtype) - shift)
-  if not _is_zero(ct1):
-    total = _add(total, ct1)
-  t_bar = masked_value(mask, gate(slope, z, jnp.broadcast_to(total, stored.shape)))
+  total = None if ct2 is None else ct2 * (stored.astype(shift.dtype) - shift)
+  total = jnp.broadcast_to(_add(total, ct1), stored.shape)
+  t_bar = masked_value(mask, gate(slope, z, total))
   return [t_bar.astype(t.aval.dtype)] + none[1:]
 
 
-def _affine_tangent_transpose(ct, *operands, has_u, has_da, has_db, gated, slope):
+def _affine_tangent_transpose(ct, *operands, layout, slope, **flags):
   """``u_bar = act'(z) ct`` (plain JAX, fused into ``dx``); ``da, db`` from one kernel pass."""
-  flags = dict(has_u=has_u, has_da=has_da, has_db=has_db, gated=gated)
   u, da, db, stored, shift, z = _tangent_args(operands, **flags)
   stored, shift = _value(stored), _value(shift)
-  z = None if z is None else _value(z)
-  if _is_zero(ct):
-    return [None] * len(operands)
-  cts = {}
-  if u is not None and ad.is_undefined_primal(u):
-    cts["u"] = gate(slope, z, ct.astype(u.aval.dtype))
-  needs_da = da is not None and ad.is_undefined_primal(da)
-  needs_db = db is not None and ad.is_undefined_primal(db)
-  if needs_da or needs_db:  # db_bar = sum act'(z) ct,  da_bar = sum act'(z) ct (x - K)
-    db_bar, da_bar = weighted_sums(ct, stored, shift, None, z, slope=slope)
-    if needs_da:
-      cts["da"] = da_bar.astype(da.aval.dtype)
-    if needs_db:
-      cts["db"] = db_bar.astype(db.aval.dtype)
-  linear = [name for name, here in (("u", has_u), ("da", has_da), ("db", has_db)) if here]
-  return [cts.get(name) for name in linear] + [None] * (len(operands) - len(linear))
+  cts = dict(u=None, da=None, db=None)
+  if not _is_zero(ct):
+    if u is not None and ad.is_undefined_primal(u):
+      cts["u"] = gate(slope, z, ct.astype(u.aval.dtype))
+    needs = {name: v is not None and ad.is_undefined_primal(v) for name, v in (("da", da),
+                                                                              ("db", db))}
+    if any(needs.values()):  # db_bar = sum act'(z) ct,  da_bar = sum act'(z) ct (x - K)
+      sums = weighted_sums(ct, stored, shift, None, z, layout=layout, slope=slope)
+      for (name, value), total in zip((("db", db), ("da", da)), sums, strict=True):
+        if needs[name]:
+          cts[name] = total.astype(value.aval.dtype)
+  linear = [name for name, v in (("u", u), ("da", da), ("db", db)) if v is not None]
+  return [cts[name] for name in linear] + [None] * (len(operands) - len(linear))
 
 
 ad.primitive_transposes[weighted_sums_p] = _weighted_sums_transpose
@@ -463,43 +441,33 @@ ad.primitive_transposes[affine_tangent_p] = _affine_tangent_transpose
 
 
 # ---------------------------------------------------------------------------
-# Batching: the mapped axis joins G, so each member has its own statistics.
+# Batching: the mapped axis joins the groups, so each member has its own statistics.
 
 
-def _large(value) -> bool:
-  """An ``x``-sized floating-point operand (per-feature values and masks are cheap to copy)."""
-  return (
-      jnp.issubdtype(value.dtype, jnp.floating)
-      and value.ndim == 4
-      and not (value.shape[1] == 1 and value.shape[3] == 1)
-  )
-
-
-def _batch(primitive, args, dims, **params):
-  """Folds the mapped axis into G: ``(V, G, ...) -> (V * G, ...)``.
+def _batch(primitive, args, dims, *, layout, **params):
+  """Moves the mapped axis to the front, where it becomes the leading group axis.
 
   Unmapped per-feature values and masks are broadcast. When an unmapped
   operand is ``x``-sized (``jacfwd``: mapped tangents of one input), copying
-  it ``V`` times would cost more than it saves: the reference runs instead.
+  it for every member would cost more than it saves: the reference runs.
   """
   size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
   out_dims = [0, 0] if primitive.multiple_results else 0
-  if any(d is None and _large(a) for a, d in zip(args, dims, strict=True)):
-    reference = partial(REFERENCES[primitive], **params)
+  stored, stored_dim = args[1], dims[1]
+  x_shape = tuple(n for i, n in enumerate(stored.shape) if i != stored_dim)
+  if any(
+      d is None and jnp.issubdtype(a.dtype, jnp.floating) and a.shape == x_shape
+      for a, d in zip(args, dims, strict=True)
+  ):
+    reference = partial(REFERENCES[primitive], layout=layout, **params)
     out = jax.vmap(reference, in_axes=tuple(dims))(*args)
     return (list(out) if primitive.multiple_results else out), out_dims
-  folded = []
-  for a, d in zip(args, dims, strict=True):
-    a = jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-    folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
-  out = primitive.bind(*folded, **params)
-
-  def unfold(o):
-    return o.reshape((size, o.shape[0] // size) + o.shape[1:])
-
-  if primitive.multiple_results:
-    return [unfold(o) for o in out], out_dims
-  return unfold(out), out_dims
+  moved = [
+      jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+      for a, d in zip(args, dims, strict=True)
+  ]
+  out = primitive.bind(*moved, layout=layout.with_leading_group(), **params)
+  return (list(out) if primitive.multiple_results else out), out_dims
 
 
 for _p in REFERENCES:
@@ -535,11 +503,6 @@ def _partitioned(ctx) -> bool:
   return True
 
 
-def _constant_nonempty(aval) -> bool:
-  """True for a shape known now with no zero size; symbolic shapes go to the kernel."""
-  return all(not isinstance(d, int) or d > 0 for d in aval.shape)
-
-
 def _kernel_takes(stored, shift, others=(), same=()) -> bool:
   """Kernel storage for ``stored``; float32 ``shift``; ``others`` float32 or like ``stored``.
 
@@ -554,117 +517,105 @@ def _kernel_takes(stored, shift, others=(), same=()) -> bool:
 
 
 def _use_kernel(ctx, stored) -> bool:
-  """Whether this module runs the kernel on operands it takes, viewed like ``stored``."""
-  return _constant_nonempty(stored) and not _partitioned(ctx) and _library.available()
+  """Whether this module runs a kernel on ``stored`` (known empty shapes take the reference)."""
+  nonempty = all(not isinstance(d, int) or d > 0 for d in stored.shape)
+  return nonempty and not _partitioned(ctx) and _library.available()
 
 
-def _squeezed_shape(shape) -> tuple:
+def _squeezed(shape) -> tuple:
+  """``shape`` without its sizes of 1.
+
+  XLA:CPU gives a reshape's size-1 axes a layout of its own choosing and then
+  copies the array into the row-major layout a custom call asks for; without
+  them the reshape of the caller's array stays a free bitcast.
+  """
   return tuple(d for d in shape if not _layout.is_one(d))
 
 
-def _squeezed(value):
-  """``value`` without its axes of size 1.
+def _call(target, layout, operands, results, **attributes):
+  """The kernel ``target`` on ``operands`` viewed as (G, A, C, B), without size-1 axes.
 
-  XLA:CPU gives a reshape's size-1 axes a layout of its own choosing and then
-  copies the array to the row-major layout a custom call asks for; without
-  them the reshape of the caller's array stays a free bitcast.
+  ``operands[0]`` is ``x``-sized; ``view`` tells the kernel which of ``(G, A,
+  C, B)`` its axes are (bits 8, 4, 2, 1). Per-feature values become (G, C),
+  row masks (G, A, B).
   """
-  return value.reshape(_squeezed_shape(value.shape))
-
-
-def _call(target, operands, results, **attributes):
-  """The kernel ``target`` on ``operands`` (squeezed), with ``results`` shaped like these.
-
-  ``view`` tells the kernel which of ``(G, A, C, B)`` the first operand's
-  squeezed axes are (bits 8, 4, 2, 1).
-  """
-  view = sum(8 >> k for k, d in enumerate(operands[0].shape) if not _layout.is_one(d))
-  squeezed = [jax.ShapeDtypeStruct(_squeezed_shape(r.shape), r.dtype) for r in results]
-  out = jax.ffi.ffi_call(target, squeezed)(
-      *map(_squeezed, operands), view=np.int64(view), **attributes
-  )
+  shape = operands[0].shape
+  g, a, c, b = dims = layout.dims(shape)
+  views = {shape: dims, layout.keepdims(shape): (g, c), layout.row_mask(shape): (g, a, b)}
+  view = sum(8 >> k for k, d in enumerate(dims) if not _layout.is_one(d))
+  out = jax.ffi.ffi_call(
+      target, [jax.ShapeDtypeStruct(_squeezed(views[r.shape]), r.dtype) for r in results]
+  )(*(o.reshape(_squeezed(views[o.shape])) for o in operands), view=np.int64(view), **attributes)
   return [o.reshape(r.shape) for o, r in zip(out, results, strict=True)]
 
 
-def _shifted_sums_kernel(*operands, masked):
+def _row_mask(layout, mask, shape) -> bool:
+  return mask is not None and mask.shape != shape
+
+
+def _shifted_sums_kernel(*operands, layout, masked):
   x, stored, shift, mask = _sums_args(operands, masked)
   # `x` is not passed: only its tangent matters, so XLA never computes it.
   return _call(
-      "jaxbn_shifted_sums",
-      [stored, shift] + ([mask] if masked else []),
+      "jaxbn_shifted_sums", layout, [stored, shift, *_present(mask)],
       [jax.ShapeDtypeStruct(shift.shape, x.dtype)] * 2,
-      row_mask=masked and _layout.is_one(mask.shape[2]),
+      row_mask=_row_mask(layout, mask, stored.shape),
   )
 
 
-def _weighted_sums_kernel(*operands, masked, gated, slope):
+def _weighted_sums_kernel(*operands, layout, masked, gated, slope):
   t, stored, shift, mask, z = _weighted_args(operands, masked, gated)
   return _call(
-      "jaxbn_weighted_sums",
-      [t, stored, shift] + [v for v in (mask, z) if v is not None],
+      "jaxbn_weighted_sums", layout, [t, stored, shift, *_present(mask, z)],
       [jax.ShapeDtypeStruct(shift.shape, shift.dtype)] * 2,
-      slope=np.float32(slope),
-      masked=masked,
-      gated=gated,
-      row_mask=masked and _layout.is_one(mask.shape[2]),
+      slope=np.float32(slope), masked=masked, gated=gated,
+      row_mask=_row_mask(layout, mask, stored.shape),
   )
 
 
-def _shifted_affine_kernel(*operands, has_residual, slope):
+def _shifted_affine_kernel(*operands, layout, has_residual, slope):
   _, stored, shift, a, b, residual = _affine_args(operands, has_residual)
   (z,) = _call(
-      "jaxbn_shifted_affine",
-      [stored, shift, a, b] + ([residual] if has_residual else []),
+      "jaxbn_shifted_affine", layout, [stored, shift, a, b, *_present(residual)],
       [jax.ShapeDtypeStruct(stored.shape, stored.dtype)],
-      slope=np.float32(slope),
-      activation=np.int64(ACTIVATION_CODES.get(slope, 2)),
+      slope=np.float32(slope), activation=np.int64(ACTIVATION_CODES.get(slope, 2)),
   )
   return z
+
+
+def _sums_takes(avals, masked, **_):
+  _, stored, shift, _ = _sums_args(avals, masked)
+  return _kernel_takes(stored, shift)
+
+
+def _weighted_takes(avals, masked, gated, **_):
+  t, stored, shift, _, z = _weighted_args(avals, masked, gated)
+  return _kernel_takes(stored, shift, [t], _present(z))
+
+
+def _affine_takes(avals, has_residual, **_):
+  _, stored, shift, a, b, residual = _affine_args(avals, has_residual)
+  return _kernel_takes(stored, shift, _present(residual)) and a.dtype == b.dtype == jnp.float32
 
 
 def _cpu_lowering(primitive, kernel, takes):
   """The kernel where ``takes(avals, **params)`` and ``_use_kernel``; else the reference."""
   kernel = mlir.lower_fun(kernel, multiple_results=primitive.multiple_results)
+  reference = mlir.lower_fun(REFERENCES[primitive], multiple_results=primitive.multiple_results)
 
   def rule(ctx, *operands, **params):
     if takes(ctx.avals_in, **params) and _use_kernel(ctx, ctx.avals_in[1]):
       return kernel(ctx, *operands, **params)
-    return _reference_lowering[primitive](ctx, *operands, **params)
+    return reference(ctx, *operands, **params)
 
   return rule
 
 
-def _sums_takes(avals, masked):
-  _, stored, shift, _ = _sums_args(avals, masked)
-  return _kernel_takes(stored, shift)
-
-
-def _weighted_takes(avals, masked, gated, slope):
-  t, stored, shift, _, z = _weighted_args(avals, masked, gated)
-  return _kernel_takes(stored, shift, [t], [] if z is None else [z])
-
-
-def _affine_takes(avals, has_residual, slope):
-  _, stored, shift, a, b, residual = _affine_args(avals, has_residual)
-  residuals = [] if residual is None else [residual]
-  return _kernel_takes(stored, shift, residuals, []) and a.dtype == b.dtype == jnp.float32
-
-
-_reference_lowering = {
-    p: mlir.lower_fun(reference, multiple_results=p.multiple_results)
-    for p, reference in REFERENCES.items()
-}
-for _p, _rule in _reference_lowering.items():
-  mlir.register_lowering(_p, _rule)
-mlir.register_lowering(
-    shifted_sums_p, _cpu_lowering(shifted_sums_p, _shifted_sums_kernel, _sums_takes),
-    platform="cpu",
-)
-mlir.register_lowering(
-    weighted_sums_p, _cpu_lowering(weighted_sums_p, _weighted_sums_kernel, _weighted_takes),
-    platform="cpu",
-)
-mlir.register_lowering(
-    shifted_affine_p, _cpu_lowering(shifted_affine_p, _shifted_affine_kernel, _affine_takes),
-    platform="cpu",
-)
+for _p, _reference in REFERENCES.items():
+  mlir.register_lowering(_p, mlir.lower_fun(_reference, multiple_results=_p.multiple_results))
+for _p, _kernel, _takes in (
+    (shifted_sums_p, _shifted_sums_kernel, _sums_takes),
+    (weighted_sums_p, _weighted_sums_kernel, _weighted_takes),
+    (shifted_affine_p, _shifted_affine_kernel, _affine_takes),
+):
+  mlir.register_lowering(_p, _cpu_lowering(_p, _kernel, _takes), platform="cpu")
