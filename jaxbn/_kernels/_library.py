@@ -62,7 +62,18 @@ def _runtime_ffi_api_version() -> tuple[int, int] | None:
 
 
 def available() -> bool:
-  """Whether the compiled CPU kernels are loaded (the first call loads them)."""
+  """Whether jaxbn's compiled CPU kernels are loaded.
+
+  ``pip install`` builds them when it finds a C++17 compiler; without one,
+  or with the environment variable ``JAXBN_DISABLE_KERNELS=1``, jaxbn runs
+  on its XLA path (the same results, slower on CPU), and
+  ``jaxbn._kernels.reason()`` says why.
+
+  Examples:
+    >>> import jaxbn
+    >>> isinstance(jaxbn.kernels_available(), bool)
+    True
+  """
   return _load()[0] is not None
 
 

@@ -144,6 +144,15 @@ int64_t ThreadCap() {
   return cap;
 }
 
+// The threads of the latest parallel run (for tests of determinism).
+std::atomic<int64_t> threads_used{1};
+
+}  // namespace
+
+int64_t ThreadsUsed() { return threads_used.load(); }
+
+namespace {
+
 // Runs body(0), ..., body(n - 1) on the calling thread and up to
 // pool.num_threads() - 1 helpers. Each thread claims the next task index; the
 // caller waits only for tasks that were claimed, never for a helper that has
@@ -151,6 +160,7 @@ int64_t ThreadCap() {
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& body) {
   const int64_t threads = ThreadCap() > 0 ? ThreadCap() : pool.num_threads();
   const int64_t workers = std::min(n, threads);
+  if (n > 1) threads_used.store(std::max<int64_t>(workers, 1));
   if (workers <= 1) {
     for (int64_t i = 0; i < n; ++i) body(i);
     return;

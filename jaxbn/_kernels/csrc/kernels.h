@@ -91,6 +91,9 @@ extern const KernelSet kKernels;
 // The fastest version this CPU runs, chosen once.
 const KernelSet& Kernels();
 
+// How many threads the latest kernel call with more than one task ran on.
+int64_t ThreadsUsed();
+
 }  // namespace jaxbn
 
 #endif  // JAXBN_KERNELS_H_

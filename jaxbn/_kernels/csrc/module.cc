@@ -43,6 +43,8 @@ PyObject* Targets(PyObject*, PyObject*) {
 
 PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(jaxbn::Kernels().isa); }
 
+PyObject* ThreadsUsed(PyObject*, PyObject*) { return PyLong_FromLongLong(jaxbn::ThreadsUsed()); }
+
 PyObject* FfiApiVersion(PyObject*, PyObject*) {
   return Py_BuildValue("(ii)", XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }
@@ -50,6 +52,8 @@ PyObject* FfiApiVersion(PyObject*, PyObject*) {
 PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS, "The FFI handlers, {name: PyCapsule}."},
     {"isa", Isa, METH_NOARGS, "The instruction set the kernels run with on this CPU."},
+    {"threads_used", ThreadsUsed, METH_NOARGS,
+     "How many threads the latest kernel call with more than one task ran on."},
     {"ffi_api_version", FfiApiVersion, METH_NOARGS,
      "(major, minor) of the XLA FFI headers the kernels were built with."},
     {nullptr, nullptr, 0, nullptr},
