@@ -8,6 +8,7 @@ plain-JAX reference (the XLA path) and ``available()`` is False, with
 """
 
 import functools
+import importlib
 import logging
 import os
 import re
@@ -31,9 +32,13 @@ def _load() -> tuple[object | None, str]:
   if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
     return None, f"disabled by the environment variable {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
   try:
-    from jaxbn._kernels import _ffi
+    _ffi = importlib.import_module("jaxbn._kernels._ffi")
   except ImportError as error:
-    why = f"the compiled module jaxbn._kernels._ffi was not built or does not load ({error})"
+    why = (
+        "the compiled module jaxbn._kernels._ffi was not built (no C++17 compiler at install?)"
+        if isinstance(error, ModuleNotFoundError)
+        else f"the compiled module jaxbn._kernels._ffi does not load ({error})"
+    )
     _log.warning("jaxbn runs on its XLA path: %s. %s", why, HOW_TO_GET_THEM)
     return None, why
   built, running = _ffi.ffi_api_version(), _runtime_ffi_api_version()
