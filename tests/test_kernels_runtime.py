@@ -67,8 +67,10 @@ def run_python(code, **env):
   One host device: several would size XLA's intra-op pool apart from the CPUs.
   """
   environment = dict(os.environ, **env)
-  environment["XLA_FLAGS"] = re.sub(
-      r"--xla_force_host_platform_device_count=\d+", "", environment.get("XLA_FLAGS", ""))
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 environment.pop("XLA_FLAGS", "")).strip()
+  if flags:
+    environment["XLA_FLAGS"] = flags
   environment["PYTHONPATH"] = os.pathsep.join(
       p for p in (str(ROOT), environment.get("PYTHONPATH")) if p
   )
