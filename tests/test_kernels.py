@@ -190,7 +190,8 @@ def test_shifted_sums_match_float64(layout, dtype, mask_kind):
 
 
 def numpy_affine(stored, shift, a, b, residual, slope):
-  u = (np.asarray(stored, np.float64) - np.asarray(shift, np.float64)) * np.asarray(a) + np.asarray(b)
+  deviation = np.asarray(stored, np.float64) - np.asarray(shift, np.float64)
+  u = deviation * np.asarray(a) + np.asarray(b)
   if residual is not None:
     u = u + np.asarray(residual, np.float64)
   with np.errstate(invalid="ignore"):
@@ -236,7 +237,7 @@ def test_shifted_affine_act_matches_float64(layout, dtype, activation, residual_
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
 def test_activations_of_infinities(dtype):
   # relu(-inf) is 0, never NaN (0 * -inf) or -0; leaky_relu(-inf) is -inf.
-  shape, kept = (5, 21), (1,)
+  shape = (5, 21)
   values = np.array([-np.inf, np.inf, -3.0, -0.0, 0.0, 2.0, -1e-3])
   stored = jnp.asarray(np.resize(values, shape), dtype)
   x = stored.astype(f32)

@@ -44,8 +44,9 @@ def step(x, scale, bias, kept, mask):
 
 digest = hashlib.sha256()
 rng = np.random.default_rng(0)
-for shape, kept, dtype in (((64, 14, 14, 48), (3,), jnp.float32),
-                           ((16, 24, 30, 30), (1,), jnp.bfloat16), ((300, 1000), (1,), jnp.float16)):
+cases = (((64, 14, 14, 48), (3,), jnp.float32), ((16, 24, 30, 30), (1,), jnp.bfloat16),
+         ((300, 1000), (1,), jnp.float16))
+for shape, kept, dtype in cases:
   x = jnp.asarray(rng.standard_normal(shape) * 3 + 2, dtype)
   features = tuple(shape[i] for i in kept)
   scale, bias = jnp.ones(features), jnp.zeros(features)
