@@ -308,22 +308,34 @@ ffi::Error ReadMask(const ffi::AnyBuffer& mask, bool row, ReduceArgs* args) {
 // ---------------------------------------------------------------------------
 // Handlers.
 
+// The operands of every reduction: the input, K and the two sums.
+ffi::Error ReadReduction(const ffi::AnyBuffer& x, int64_t view, const ffi::Buffer<ffi::F32>& shift,
+                         const ffi::Buffer<ffi::F32>& s1, const ffi::Buffer<ffi::F32>& s2,
+                         ReduceArgs* args) {
+  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args->dims, &args->x_type));
+  const int64_t features = args->dims.G * args->dims.C;
+  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(s1, features, "the first sum"));
+  JAXBN_RETURN_IF_ERROR(CheckCount(s2, features, "the second sum"));
+  args->x = x.untyped_data();
+  args->shift = shift.typed_data();
+  return ffi::Error::Success();
+}
+
+// The mask among a handler's optional operands, at `index`.
+ffi::Error ReadMaskAt(const ffi::RemainingArgs& optional, size_t index, bool row,
+                      ReduceArgs* args) {
+  auto mask = optional.get<ffi::AnyBuffer>(index);
+  if (mask.has_error()) return mask.error();
+  return ReadMask(*mask, row, args);
+}
+
 ffi::Error ShiftedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift,
                            ffi::RemainingArgs mask, int64_t view, bool row_mask,
                            ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
   ReduceArgs args{};
-  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args.dims, &args.x_type));
-  const int64_t features = args.dims.G * args.dims.C;
-  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
-  JAXBN_RETURN_IF_ERROR(CheckCount(*s1, features, "S1"));
-  JAXBN_RETURN_IF_ERROR(CheckCount(*s2, features, "S2"));
-  args.x = x.untyped_data();
-  args.shift = shift.typed_data();
-  if (mask.size() == 1) {
-    auto m = mask.get<ffi::AnyBuffer>(0);
-    if (m.has_error()) return m.error();
-    JAXBN_RETURN_IF_ERROR(ReadMask(*m, row_mask, &args));
-  }
+  JAXBN_RETURN_IF_ERROR(ReadReduction(x, view, shift, *s1, *s2, &args));
+  if (mask.size() == 1) JAXBN_RETURN_IF_ERROR(ReadMaskAt(mask, 0, row_mask, &args));
   Reduce(pool, args, Kernels().shifted_sums, s1->typed_data(), s2->typed_data());
   return ffi::Error::Success();
 }
@@ -334,11 +346,7 @@ ffi::Error WeightedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer t, ffi::AnyBuff
                             float slope, bool masked, bool gated, bool row_mask,
                             ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
   ReduceArgs args{};
-  JAXBN_RETURN_IF_ERROR(ReadInput(x, view, &args.dims, &args.x_type));
-  const int64_t features = args.dims.G * args.dims.C;
-  JAXBN_RETURN_IF_ERROR(CheckCount(shift, features, "the shift"));
-  JAXBN_RETURN_IF_ERROR(CheckCount(*s1, features, "the weighted sum"));
-  JAXBN_RETURN_IF_ERROR(CheckCount(*s2, features, "the weighted sum"));
+  JAXBN_RETURN_IF_ERROR(ReadReduction(x, view, shift, *s1, *s2, &args));
   JAXBN_RETURN_IF_ERROR(CheckCount(t, Size(args.dims), "the weighted operand"));
   const auto t_type = KernelType(t.element_type());
   if (!t_type || (*t_type != DType::kF32 && *t_type != args.x_type)) {
@@ -348,16 +356,10 @@ ffi::Error WeightedSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer t, ffi::AnyBuff
     return InvalidArgument("expected " + std::to_string(masked + gated) +
                            " optional operands, got " + std::to_string(rest.size()));
   }
-  args.x = x.untyped_data();
   args.t_type = *t_type;
   args.t = t.untyped_data();
-  args.shift = shift.typed_data();
   args.slope = slope;
-  if (masked) {
-    auto m = rest.get<ffi::AnyBuffer>(0);
-    if (m.has_error()) return m.error();
-    JAXBN_RETURN_IF_ERROR(ReadMask(*m, row_mask, &args));
-  }
+  if (masked) JAXBN_RETURN_IF_ERROR(ReadMaskAt(rest, 0, row_mask, &args));
   if (gated) {
     auto z = rest.get<ffi::AnyBuffer>(masked ? 1 : 0);
     if (z.has_error()) return z.error();
