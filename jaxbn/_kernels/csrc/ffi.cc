@@ -39,7 +39,9 @@ bool Supports(const char* isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }
-  if (std::strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2");
+  if (std::strcmp(isa, "avx2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }
 #endif
   return std::strcmp(isa, "baseline") == 0;
 }
