@@ -301,3 +301,12 @@ def test_shard_map_runs_the_kernel_on_each_shard():
     want = jax.jit(functools.partial(fn, FUSED))(sharded, scale, bias)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_pmap_runs_the_kernel_on_each_device():
+  x, scale, bias = inputs((8, 6, 5), (2,), f32)  # one example of (6, 5) per device
+  step = functools.partial(train_step, kernels, (1,))
+  mapped = jax.pmap(step, in_axes=(0, None, None))
+  assert "jaxbn_shifted_sums" in mapped.lower(x, scale, bias).compile().as_text()
+  want = jnp.stack([train_step(FUSED, (1,), x[i], scale, bias) for i in range(8)])
+  np.testing.assert_allclose(mapped(x, scale, bias), want, rtol=1e-5, atol=1e-5)

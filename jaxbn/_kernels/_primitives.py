@@ -156,6 +156,7 @@ def _present(*optional):
 
 
 def shifted_sums(x, stored, shift, mask=None, *, layout):
+  """Binds ``shifted_sums_p``: ``(S1, S2)`` keepdims-shaped, in the dtype of ``x``."""
   operands = [x, stored, shift, *_present(mask)]
   return tuple(
       shifted_sums_p.bind(*_aligned(*operands), layout=layout, masked=mask is not None)
@@ -163,6 +164,7 @@ def shifted_sums(x, stored, shift, mask=None, *, layout):
 
 
 def weighted_sums(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
+  """Binds ``weighted_sums_p``: ``(sum w t, sum w t (x - K))`` in the dtype of ``shift``."""
   z = None if slope == 1.0 else z  # act' = 1: no gate to read
   return tuple(
       weighted_sums_p.bind(
@@ -173,6 +175,7 @@ def weighted_sums(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
 
 
 def shifted_affine(x, stored, shift, a, b, residual=None, *, layout, slope=1.0):
+  """Binds ``shifted_affine_p``: ``act((x - K) a + b + r)`` in the dtype of ``stored``."""
   return shifted_affine_p.bind(
       *_aligned(x, stored, shift, a, b, *_present(residual)),
       layout=layout, has_residual=residual is not None, slope=float(slope),
@@ -180,6 +183,7 @@ def shifted_affine(x, stored, shift, a, b, residual=None, *, layout, slope=1.0):
 
 
 def affine_tangent(u, da, db, stored, shift, z=None, *, layout, slope=1.0):
+  """Binds ``affine_tangent_p``: ``act'(z) (u + (x - K) da + db)``; ``None`` terms are 0."""
   z = None if slope == 1.0 else z
   return affine_tangent_p.bind(
       *_aligned(*_present(u, da, db), stored, shift, *_present(z)),
@@ -453,7 +457,10 @@ def _batch(primitive, args, dims, *, layout, **params):
   """
   size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
   out_dims = [0, 0] if primitive.multiple_results else 0
-  stored, stored_dim = args[1], dims[1]
+  position = 1  # of `stored`, after the optional linear operands of affine_tangent_p
+  if primitive is affine_tangent_p:
+    position = sum(params[flag] for flag in ("has_u", "has_da", "has_db"))
+  stored, stored_dim = args[position], dims[position]
   x_shape = tuple(n for i, n in enumerate(stored.shape) if i != stored_dim)
   if any(
       d is None and jnp.issubdtype(a.dtype, jnp.floating) and a.shape == x_shape
