@@ -9,7 +9,7 @@ Per input shape (features last, and NCHW with ``axis=1``), with ``N`` the
 bytes of ``x``:
 
 * ``sums``: the one-pass shifted sums against ``_fused.shifted_sums`` (two
-  passes): reads N.
+  passes): reads N. XLA's plain ``sum(x)`` (one output) for comparison.
 * ``bwd sums``: the backward reductions ``sum(dz), sum(dz (x - K))`` in one
   pass against XLA's reductions of the same: reads 2 N.
 * ``affine``: ``(x - K) a + b`` against XLA's elementwise fusion: 2 N.
@@ -24,6 +24,10 @@ import argparse
 import functools
 import os
 import time
+
+# PyTorch's OpenMP threads would otherwise spin between its calls, taking the
+# cores from XLA's threads that run in turn with them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,7 @@ SHAPES = (  # (shape, feature axis)
     ((4096, 1024), 1),
     ((32, 64, 56, 56), 1),
 )
+TINY = ((8, 16), 1)  # the fixed cost of a call
 FUSED = (_fused.shifted_sums, _fused.shifted_affine, _activation.shifted_affine_act)
 KERNELS = (kernels.shifted_sums, kernels.shifted_affine, kernels.shifted_affine_act)
 
@@ -93,18 +98,24 @@ def torch_step(shape, axis, dtype):
   return run
 
 
-def timed(contenders, rounds, calls=5):
-  """Median over ``rounds`` of the mean time of ``calls`` calls, the contenders taking turns."""
-  for run in contenders.values():
+def timed(contenders, rounds, seconds=2e-3):
+  """Median over ``rounds`` of the mean time of a call, the contenders taking turns.
+
+  Each contender makes as many calls per round as take about ``seconds``.
+  """
+  calls = {}
+  for name, run in contenders.items():
     run()
+    start = time.perf_counter()
     run()
+    calls[name] = max(1, min(1000, int(seconds / (time.perf_counter() - start))))
   times = {name: [] for name in contenders}
   for _ in range(rounds):
     for name, run in contenders.items():
       start = time.perf_counter()
-      for _ in range(calls):
+      for _ in range(calls[name]):
         run()
-      times[name].append((time.perf_counter() - start) / calls)
+      times[name].append((time.perf_counter() - start) / calls[name])
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -131,6 +142,7 @@ def measure(shape, axis, dtype, rounds):
                               shift, None),
       "sums xla": blocking(jax.jit(functools.partial(_fused.shifted_sums, axes)), xc, x, shift,
                            None),
+      "plain sum xla": blocking(jax.jit(lambda x: jnp.sum(x, axes, dtype=jnp.float32)), x),
       "bwd sums kernel": blocking(
           jax.jit(functools.partial(_primitives.weighted_sums, layout=layout)), dz, x, shift),
       "bwd sums xla": blocking(jax.jit(reference_sums), dz, x, shift),
@@ -145,36 +157,53 @@ def measure(shape, axis, dtype, rounds):
   return timed(contenders, rounds), x.size * x.dtype.itemsize
 
 
+COLUMNS = (
+    "shape", "dtype", "copy GB/s", "sums GB/s", "sums: XLA / kernel", "plain sum GB/s",
+    "bwd sums GB/s", "bwd sums: XLA / kernel", "affine GB/s", "affine: XLA / kernel",
+    "step ms", "step / ideal", "step: fused / kernels", "step: kernels / torch",
+)
+
+
 def report(shape, axis, dtype, t, n):
+  """One markdown table row of ``COLUMNS``."""
   bandwidth = 2 * n / t["copy"]
   ideal = 8 * n / bandwidth
   cells = [
-      f"{'x'.join(map(str, shape))} ax{axis} {dtype}",
-      f"copy {bandwidth / 1e9:5.1f} GB/s",
-      f"sums {n / t['sums kernel'] / 1e9:5.1f} GB/s x{t['sums xla'] / t['sums kernel']:4.2f}",
-      f"bwd sums {2 * n / t['bwd sums kernel'] / 1e9:5.1f} GB/s "
-      f"x{t['bwd sums xla'] / t['bwd sums kernel']:4.2f}",
-      f"affine {2 * n / t['affine kernel'] / 1e9:5.1f} GB/s "
-      f"x{t['affine xla'] / t['affine kernel']:4.2f}",
-      f"step {t['step kernels'] * 1e3:6.2f} ms = {t['step kernels'] / ideal:4.2f} ideal, "
-      f"fused {t['step fused'] / t['step kernels']:4.2f}x slower",
+      f"{'x'.join(map(str, shape))}" + ("" if axis == len(shape) - 1 else f" (axis {axis})"),
+      dtype,
+      f"{bandwidth / 1e9:.1f}",
+      f"{n / t['sums kernel'] / 1e9:.1f}",
+      f"{t['sums xla'] / t['sums kernel']:.2f}",
+      f"{n / t['plain sum xla'] / 1e9:.1f}",
+      f"{2 * n / t['bwd sums kernel'] / 1e9:.1f}",
+      f"{t['bwd sums xla'] / t['bwd sums kernel']:.2f}",
+      f"{2 * n / t['affine kernel'] / 1e9:.1f}",
+      f"{t['affine xla'] / t['affine kernel']:.2f}",
+      f"{t['step kernels'] * 1e3:.3f}",
+      f"{t['step kernels'] / ideal:.2f}",
+      f"{t['step fused'] / t['step kernels']:.2f}",
+      f"{t['step kernels'] / t['step torch']:.2f}" if "step torch" in t else "-",
   ]
-  if "step torch" in t:
-    cells.append(f"kernels/torch {t['step kernels'] / t['step torch']:4.2f}")
-  return " | ".join(cells)
+  return "| " + " | ".join(cells) + " |"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
-  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, kernels {kernels.available()} ({kernels.isa()}), "
-        f"{os.cpu_count()} CPUs")
+        f"{os.cpu_count()} CPUs\n")
+  print("| " + " | ".join(COLUMNS) + " |")
+  print("|" + "---|" * len(COLUMNS))
   for dtype in args.dtype:
     for shape, axis in SHAPES:
       t, n = measure(shape, axis, dtype, args.rounds)
       print(report(shape, axis, dtype, t, n), flush=True)
+  for dtype in args.dtype:
+    t, _ = measure(*TINY, dtype, args.rounds)
+    print(f"\n{'x'.join(map(str, TINY[0]))} {dtype}, microseconds per call: " + ", ".join(
+        f"{name} {seconds * 1e6:.1f}" for name, seconds in t.items()))
 
 
 if __name__ == "__main__":
