@@ -235,22 +235,45 @@ def test_shifted_affine_act_matches_float64(layout, dtype, activation, residual_
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
-def test_activations_of_infinities(dtype):
-  # relu(-inf) is 0, never NaN (0 * -inf) or -0; leaky_relu(-inf) is -inf.
+def test_activations_of_infinities_and_nans(dtype):
+  # relu(-inf) is 0, never NaN (0 * -inf) or -0.; leaky_relu(-inf) is -inf; NaN stays NaN.
   shape = (5, 21)
-  values = np.array([-np.inf, np.inf, -3.0, -0.0, 0.0, 2.0, -1e-3])
+  values = np.array([-np.inf, np.inf, np.nan, -3.0, -0.0, 0.0, 2.0, -1e-3])
   stored = jnp.asarray(np.resize(values, shape), dtype)
   x = stored.astype(f32)
   shift, a, b = jnp.zeros((1, 21)), jnp.full((1, 21), 2.0), jnp.zeros((1, 21))
-  relu = jax.jit(functools.partial(kernels.shifted_affine_act, "relu", 0.0))(
-      x, stored, shift, a, b, None)
-  leaky = jax.jit(functools.partial(kernels.shifted_affine_act, "leaky_relu", 0.1))(
-      x, stored, shift, a, b, None)
-  relu, leaky, stored = (np.asarray(v, np.float64) for v in (relu, leaky, stored))
-  assert not np.isnan(relu).any() and not np.signbit(relu).any()
-  np.testing.assert_array_equal(relu, np.maximum(2 * stored, 0))
+  relu, leaky = (
+      np.asarray(jax.jit(functools.partial(kernels.shifted_affine_act, name, slope))(
+          x, stored, shift, a, b, None), np.float64)
+      for name, slope in (("relu", 0.0), ("leaky_relu", 0.1))
+  )
+  stored = np.asarray(stored, np.float64)
+  nan = np.isnan(stored)
+  assert np.isnan(relu[nan]).all() and np.isnan(leaky[nan]).all()
+  assert not np.signbit(relu[~nan]).any()
+  np.testing.assert_array_equal(relu[~nan], np.maximum(2 * stored[~nan], 0))
   np.testing.assert_array_equal(leaky[stored == -np.inf], -np.inf)
   np.testing.assert_array_equal(leaky[stored == np.inf], np.inf)
+
+
+def test_relu_with_infinite_padding_in_masked_entries_keeps_gradients_finite():
+  # Masked-out rows of -inf padding, closed by relu: their x - K takes no part
+  # in a product, so the gradients equal those with a finite padding.
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(np.concatenate([rng.standard_normal((6, 3)), np.full((2, 3), -np.inf)]), f32)
+  mask = jnp.asarray(np.arange(8) < 6)[:, None]
+  scale, bias = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.1, -0.2, 0.3])
+  weights = jnp.arange(1.0, 25.0).reshape(8, 3) * jnp.asarray(np.arange(8) < 6)[:, None]
+
+  def loss(x, scale, bias):
+    z = train_step(kernels, (1,), x, scale, bias, mask, "relu")
+    return jnp.sum(jnp.where(weights > 0, jnp.sin(z), 0) * weights)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  got, want = grad(x, scale, bias), grad(x.at[6:].set(-1e30), scale, bias)
+  for g, w in zip(got, want, strict=True):
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("gated", [False, True])

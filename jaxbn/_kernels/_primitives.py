@@ -72,15 +72,35 @@ def masked_value(mask, value):
 
 
 def gate(slope: float, z, value):
-  """``act'(z) value = value if z > 0 else slope value``; ``value`` itself without ``z``."""
-  return value if z is None else jnp.where(z > 0, value, slope * value)
+  """``act'(z) value``: ``value`` where ``z > 0``, else ``slope value`` (exactly 0 for relu).
+
+  ``value`` itself without ``z``.
+  """
+  if z is None:
+    return value
+  return jnp.where(z > 0, value, jnp.zeros_like(value) if slope == 0.0 else slope * value)
 
 
 def activate(slope: float, u):
-  """``act(u)``: ``u`` (slope 1), ``max(u, 0)`` (slope 0, never -0 or NaN), or leaky."""
+  """``act(u)``: ``u`` (slope 1), ``relu`` (slope 0), or ``leaky_relu``.
+
+  A NaN stays NaN; relu gives 0 for ``u <= 0``, never -0. or ``0 * -inf = NaN``.
+  """
   if slope == 1.0:
     return u
-  return jnp.where(u > 0, u, jnp.zeros_like(u) if slope == 0.0 else slope * u)
+  return jnp.where(u <= 0, jnp.zeros_like(u) if slope == 0.0 else slope * u, u)
+
+
+def open_entries(mask, slope: float, z):
+  """Where ``x - K`` takes part in the derivatives: valid, and open if relu.
+
+  Elsewhere it is replaced by 0 before any product, so that an infinite ``x``
+  (padding) there gives 0, not ``0 * inf = NaN``. None: everywhere.
+  """
+  closed_relu = z is not None and slope == 0.0
+  if not closed_relu:
+    return mask
+  return z > 0 if mask is None else jnp.logical_and(mask, z > 0)
 
 
 def shifted_sums_reference(x, stored, shift, mask=None, *, layout):
@@ -95,7 +115,7 @@ def shifted_sums_reference(x, stored, shift, mask=None, *, layout):
 def weighted_sums_reference(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
   """``(sum w t, sum w t (x - K))`` with ``w = m act'(z)``, in the dtype of ``shift``."""
   weighted = masked_value(mask, gate(slope, z, t.astype(shift.dtype)))
-  deviation = stored.astype(shift.dtype) - shift
+  deviation = masked_value(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
   return (
       jnp.sum(weighted, layout.reduced, keepdims=True),
       jnp.sum(weighted * deviation, layout.reduced, keepdims=True),
@@ -116,7 +136,8 @@ def affine_tangent_reference(u, da, db, stored, shift, z=None, *, layout, slope=
   del layout
   terms = [] if u is None else [u]
   if da is not None:
-    terms.append((stored.astype(shift.dtype) - shift) * da)
+    deviation = masked_value(open_entries(None, slope, z), stored.astype(shift.dtype) - shift)
+    terms.append(deviation * da)
   if db is not None:
     terms.append(db)
   total = jnp.broadcast_to(sum(terms[1:], terms[0]), stored.shape)
@@ -415,8 +436,8 @@ def _weighted_sums_transpose(cts, *operands, layout, masked, gated, slope):
   none = [None] * len(operands)
   if not ad.is_undefined_primal(t) or (ct1 is None and ct2 is None):
     return none
-  total = None if ct2 is None else ct2 * (stored.astype(shift.dtype) - shift)
-  total = jnp.broadcast_to(_add(total, ct1), stored.shape)
+  deviation = masked_value(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
+  total = jnp.broadcast_to(_add(None if ct2 is None else ct2 * deviation, ct1), stored.shape)
   t_bar = masked_value(mask, gate(slope, z, total))
   return [t_bar.astype(t.aval.dtype)] + none[1:]
 
