@@ -14,9 +14,8 @@ fused XLA path on CPU. Results are bitwise the same whatever the number of
 threads.
 
 ``available()`` tells whether the kernels are loaded; ``reason()`` why not.
-``jax.export`` takes a program that calls them with
-``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]``;
-the exported program then needs jaxbn's kernels wherever it runs.
+``jax.export`` lowers them to the XLA formulation, so that exported programs
+run anywhere; ``kernels_in_export()`` keeps the kernels there.
 They are not when the build found no C++17 compiler, or with
 ``JAXBN_DISABLE_KERNELS=1``: the functions then fall back to the XLA path.
 """
@@ -31,6 +30,7 @@ from jaxbn._kernels._ops import shifted_affine as shifted_affine
 from jaxbn._kernels._ops import shifted_affine_act as shifted_affine_act
 from jaxbn._kernels._ops import shifted_sums as shifted_sums
 from jaxbn._kernels._primitives import TARGETS as TARGETS
+from jaxbn._kernels._primitives import kernels_in_export as kernels_in_export
 
 available()  # load and register the kernels now, so exported programs find them too
 
@@ -40,6 +40,7 @@ __all__ = [
     "TARGETS",
     "available",
     "isa",
+    "kernels_in_export",
     "layout",
     "reason",
     "shifted_affine",

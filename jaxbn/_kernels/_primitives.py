@@ -40,12 +40,15 @@ JAX and so transposable.
 
 Lowering: on CPU, the compiled kernel when it is loaded and takes the
 operands (float32, bfloat16 or float16 storage; float32 per-feature values),
-the shapes are not empty, and XLA does not partition the module over several
-devices (see ``_partitioned``). Everywhere else, and for float64, the
+the shapes are not empty, XLA does not partition the module over several
+devices (see ``_partitioned``), and the module is not for ``jax.export``
+(see ``kernels_in_export``). Everywhere else, and for float64, the
 reference. ``affine_tangent_p`` runs only in forward mode and is always its
 reference.
 """
 
+import contextlib
+import contextvars
 import math
 from functools import partial
 
@@ -145,6 +148,44 @@ def affine_tangent_reference(u, da, db, stored, shift, z=None, *, layout, slope=
 
 
 # ---------------------------------------------------------------------------
+# Exports: by default the XLA formulation, decided when a function is traced.
+
+
+_kernels_in_export = contextvars.ContextVar("jaxbn_kernels_in_export", default=False)
+
+
+def _in_export() -> bool:
+  """The primitives' ``in_export`` parameter: whether an export may keep the kernel."""
+  return _kernels_in_export.get()
+
+
+@contextlib.contextmanager
+def kernels_in_export():
+  """Functions traced within this context keep the kernels when ``jax.export``-ed.
+
+  By default an exported program takes the XLA formulation instead: it then
+  runs wherever JAX runs, without jaxbn's compiled library, and passes
+  ``jax.export``'s check that custom calls have stable targets. With the
+  kernels, export with ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t)
+  for t in TARGETS]``, and load the program where jaxbn's kernels are
+  installed (``import jaxbn`` registers them). The choice is made when a
+  function is traced: ``jax.jit`` reuses a trace made outside the context.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbn import _kernels as kernels
+    >>> checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in kernels.TARGETS]
+    >>> with kernels.kernels_in_export():
+    ...   exported = jax.export.export(jax.jit(jnp.sin), disabled_checks=checks)(jnp.ones(3))
+  """
+  token = _kernels_in_export.set(True)
+  try:
+    yield
+  finally:
+    _kernels_in_export.reset(token)
+
+
+# ---------------------------------------------------------------------------
 # Binding: optional operands are left out, with flags saying which are there.
 
 
@@ -180,7 +221,9 @@ def shifted_sums(x, stored, shift, mask=None, *, layout):
   """Binds ``shifted_sums_p``: ``(S1, S2)`` keepdims-shaped, in the dtype of ``x``."""
   operands = [x, stored, shift, *_present(mask)]
   return tuple(
-      shifted_sums_p.bind(*_aligned(*operands), layout=layout, masked=mask is not None)
+      shifted_sums_p.bind(
+          *_aligned(*operands), layout=layout, masked=mask is not None, in_export=_in_export()
+      )
   )
 
 
@@ -191,6 +234,7 @@ def weighted_sums(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
       weighted_sums_p.bind(
           *_aligned(t, stored, shift, *_present(mask, z)),
           layout=layout, masked=mask is not None, gated=z is not None, slope=float(slope),
+          in_export=_in_export(),
       )
   )
 
@@ -200,6 +244,7 @@ def shifted_affine(x, stored, shift, a, b, residual=None, *, layout, slope=1.0):
   return shifted_affine_p.bind(
       *_aligned(x, stored, shift, a, b, *_present(residual)),
       layout=layout, has_residual=residual is not None, slope=float(slope),
+      in_export=_in_export(),
   )
 
 
@@ -261,21 +306,21 @@ def _check(name, layout, stored, shift, mask=None):
 
 
 @shifted_sums_p.def_abstract_eval
-def _shifted_sums_abstract(*operands, layout, masked):
+def _shifted_sums_abstract(*operands, layout, masked, in_export):
   x, stored, shift, mask = _sums_args(operands, masked)
   _check("shifted_sums", layout, stored, shift, mask)
   return [shift.update(dtype=x.dtype, weak_type=False)] * 2
 
 
 @weighted_sums_p.def_abstract_eval
-def _weighted_sums_abstract(*operands, layout, masked, gated, slope):
+def _weighted_sums_abstract(*operands, layout, masked, gated, slope, in_export):
   _, stored, shift, mask, _ = _weighted_args(operands, masked, gated)
   _check("weighted_sums", layout, stored, shift, mask)
   return [shift.update(weak_type=False)] * 2
 
 
 @shifted_affine_p.def_abstract_eval
-def _shifted_affine_abstract(*operands, layout, has_residual, slope):
+def _shifted_affine_abstract(*operands, layout, has_residual, slope, in_export):
   _, stored, shift, *_ = _affine_args(operands, has_residual)
   _check("shifted_affine", layout, stored, shift)
   return stored.update(weak_type=False)
@@ -290,11 +335,11 @@ def _affine_tangent_abstract(*operands, layout, has_u, has_da, has_db, gated, sl
 
 # Each primitive's reference, taking its operands and parameters.
 REFERENCES = {
-    shifted_sums_p: lambda *o, layout, masked: shifted_sums_reference(
+    shifted_sums_p: lambda *o, layout, masked, in_export: shifted_sums_reference(
         *_sums_args(o, masked), layout=layout),
-    weighted_sums_p: lambda *o, layout, slope, **flags: weighted_sums_reference(
+    weighted_sums_p: lambda *o, layout, slope, in_export, **flags: weighted_sums_reference(
         *_weighted_args(o, **flags), layout=layout, slope=slope),
-    shifted_affine_p: lambda *o, layout, slope, **flags: shifted_affine_reference(
+    shifted_affine_p: lambda *o, layout, slope, in_export, **flags: shifted_affine_reference(
         *_affine_args(o, **flags), layout=layout, slope=slope),
     affine_tangent_p: lambda *o, layout, slope, **flags: affine_tangent_reference(
         *_tangent_args(o, **flags), layout=layout, slope=slope),
@@ -342,10 +387,10 @@ def _reference_tangent(reference, operands, tangents, positions, **params):
   return jax.jvp(through, [operands[i] for i in live], [tangents[i] for i in live])[1]
 
 
-def _shifted_sums_jvp(primals, tangents, *, layout, masked):
+def _shifted_sums_jvp(primals, tangents, *, layout, masked, in_export):
   x, stored, shift, mask = _sums_args(primals, masked)
   dx, _, dshift, _ = _sums_args(tangents, masked)  # `stored` lends its values only
-  s1, s2 = shifted_sums_p.bind(*primals, layout=layout, masked=masked)
+  s1, s2 = shifted_sums_p.bind(*primals, layout=layout, masked=masked, in_export=in_export)
   ds1 = ds2 = None
   if not _is_zero(dx):
     w1, w2 = weighted_sums(dx, stored, shift, mask, layout=layout)
@@ -362,8 +407,8 @@ def _shifted_sums_jvp(primals, tangents, *, layout, masked):
   )
 
 
-def _weighted_sums_jvp(primals, tangents, *, layout, masked, gated, slope):
-  params = dict(layout=layout, masked=masked, gated=gated, slope=slope)
+def _weighted_sums_jvp(primals, tangents, *, layout, masked, gated, slope, in_export):
+  params = dict(layout=layout, masked=masked, gated=gated, slope=slope, in_export=in_export)
   out = weighted_sums_p.bind(*primals, **params)
   d1 = d2 = None
   if not _is_zero(tangents[0]):  # linear in t
@@ -378,10 +423,12 @@ def _weighted_sums_jvp(primals, tangents, *, layout, masked, gated, slope):
   return out, [_zero_like(o) if d is None else d for o, d in zip(out, (d1, d2), strict=True)]
 
 
-def _shifted_affine_jvp(primals, tangents, *, layout, has_residual, slope):
+def _shifted_affine_jvp(primals, tangents, *, layout, has_residual, slope, in_export):
   x, stored, shift, a, b, _ = _affine_args(primals, has_residual)
   dx, _, dshift, da, db, dresidual = _affine_args(tangents, has_residual)
-  z = shifted_affine_p.bind(*primals, layout=layout, has_residual=has_residual, slope=slope)
+  z = shifted_affine_p.bind(
+      *primals, layout=layout, has_residual=has_residual, slope=slope, in_export=in_export
+  )
   # dz = act'(z) (dx a + dr + (x - K) da + (db - a dK))
   u = None if _is_zero(dx) else dx * a
   if has_residual and not _is_zero(dresidual):
@@ -428,7 +475,7 @@ def _value(operand):
   return operand
 
 
-def _weighted_sums_transpose(cts, *operands, layout, masked, gated, slope):
+def _weighted_sums_transpose(cts, *operands, layout, masked, gated, slope, in_export):
   """``t_bar = w (c1 + c2 (x - K))``, plain JAX that XLA fuses into its consumer."""
   t, stored, shift, mask, z = _weighted_args(operands, masked, gated)
   stored, shift = _value(stored), _value(shift)
@@ -544,10 +591,21 @@ def _kernel_takes(stored, shift, others=(), same=()) -> bool:
   )
 
 
-def _use_kernel(ctx, stored) -> bool:
+def _exporting(ctx) -> bool:
+  """Whether this module is lowered for ``jax.export``."""
+  parameters = getattr(ctx.module_context, "lowering_parameters", None)
+  return bool(getattr(parameters, "for_export", False))
+
+
+def _use_kernel(ctx, stored, in_export) -> bool:
   """Whether this module runs a kernel on ``stored`` (known empty shapes take the reference)."""
   nonempty = all(not isinstance(d, int) or d > 0 for d in stored.shape)
-  return nonempty and not _partitioned(ctx) and _library.available()
+  return (
+      nonempty
+      and not _partitioned(ctx)
+      and (in_export or not _exporting(ctx))
+      and _library.available()
+  )
 
 
 def _squeezed(shape) -> tuple:
@@ -581,7 +639,7 @@ def _row_mask(layout, mask, shape) -> bool:
   return mask is not None and mask.shape != shape
 
 
-def _shifted_sums_kernel(*operands, layout, masked):
+def _shifted_sums_kernel(*operands, layout, masked, in_export):
   x, stored, shift, mask = _sums_args(operands, masked)
   # `x` is not passed: only its tangent matters, so XLA never computes it.
   return _call(
@@ -591,7 +649,7 @@ def _shifted_sums_kernel(*operands, layout, masked):
   )
 
 
-def _weighted_sums_kernel(*operands, layout, masked, gated, slope):
+def _weighted_sums_kernel(*operands, layout, masked, gated, slope, in_export):
   t, stored, shift, mask, z = _weighted_args(operands, masked, gated)
   return _call(
       "jaxbn_weighted_sums", layout, [t, stored, shift, *_present(mask, z)],
@@ -601,7 +659,7 @@ def _weighted_sums_kernel(*operands, layout, masked, gated, slope):
   )
 
 
-def _shifted_affine_kernel(*operands, layout, has_residual, slope):
+def _shifted_affine_kernel(*operands, layout, has_residual, slope, in_export):
   _, stored, shift, a, b, residual = _affine_args(operands, has_residual)
   (z,) = _call(
       "jaxbn_shifted_affine", layout, [stored, shift, a, b, *_present(residual)],
@@ -632,7 +690,7 @@ def _cpu_lowering(primitive, kernel, takes):
   reference = mlir.lower_fun(REFERENCES[primitive], multiple_results=primitive.multiple_results)
 
   def rule(ctx, *operands, **params):
-    if takes(ctx.avals_in, **params) and _use_kernel(ctx, ctx.avals_in[1]):
+    if takes(ctx.avals_in, **params) and _use_kernel(ctx, ctx.avals_in[1], params["in_export"]):
       return kernel(ctx, *operands, **params)
     return reference(ctx, *operands, **params)
 
