@@ -14,6 +14,7 @@ from jaxbn._core import normalize as normalize
 from jaxbn._core import update_running_stats as update_running_stats
 from jaxbn._folding import fold_batch_norm as fold_batch_norm
 from jaxbn._folding import fold_batch_norm_params as fold_batch_norm_params
+from jaxbn._kernels import available as kernels_available
 from jaxbn._renorm import Renorm as Renorm
 from jaxbn._renorm import RenormState as RenormState
 from jaxbn._renorm import init_renorm_state as init_renorm_state
@@ -47,6 +48,7 @@ __all__ = [
     "init_renorm_state",
     "init_state",
     "interop",
+    "kernels_available",
     "normalize",
     "update_running_stats",
 ]
