@@ -115,7 +115,8 @@ def normalize(
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_per_feature(mean, feature_shape, "mean", required=True)
   _validation.check_per_feature(var, feature_shape, "var", required=True)
-  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon, _implementations.FUSED)
+  ops = _implementations.resolve("auto")
+  return _normalize(x, feature_axes, mean, var, scale, bias, epsilon, ops)
 
 
 def _normalize(
@@ -301,7 +302,7 @@ def batch_norm(
     mask: ArrayLike | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    implementation: Implementation = "fused",
+    implementation: Implementation = "auto",
     use_batch_stats: bool | None = None,
     update_stats: bool | None = None,
     averaging: Averaging = "ema",
@@ -334,9 +335,10 @@ def batch_norm(
 
       z = act(y + r)     relu(u) = max(u, 0)     leaky_relu(u) = u if u > 0 else s u
 
-  with ``s = negative_slope``. The ``"fused"`` backward pass reads ``x``, the
-  output ``z`` and the incoming gradient, and keeps nothing else of size
-  ``x``: the activation's derivative is read off the sign of ``z``.
+  with ``s = negative_slope``. The backward pass (of every implementation
+  but ``"reference"``) reads ``x``, the output ``z`` and the incoming
+  gradient, and keeps nothing else of size ``x``: the activation's derivative
+  is read off the sign of ``z``.
 
   ``inplace=True`` is In-Place Activated BatchNorm (Rota Bulò et al., 2018):
   with an invertible activation (``None``, or ``"leaky_relu"`` with a positive
@@ -396,10 +398,13 @@ def batch_norm(
       batch is split; the statistics are then those of the whole batch.
     axis_index_groups: optional groups of indices along ``axis_name`` that
       take their statistics separately.
-    implementation: ``"fused"`` (default) differentiates with custom rules that
-      keep only ``x`` and per-feature values for the backward pass;
-      ``"reference"`` computes the same pieces under plain autodiff (see
-      ``_implementations``).
+    implementation: ``"auto"`` (default) is ``"kernel"`` on CPU where jaxbn's
+      compiled kernels loaded (``jaxbn.kernels_available()``) and ``"fused"``
+      elsewhere. ``"kernel"`` runs the statistics and the apply as compiled
+      one-pass CPU kernels; ``"fused"`` as XLA's fusions; both differentiate
+      with custom rules that keep only ``x`` and per-feature values for the
+      backward pass. ``"reference"`` computes the same pieces under plain
+      autodiff.
     use_batch_stats: Python bool overriding ``training`` for the statistics
       that normalize ``x``.
     update_stats: Python bool overriding ``training`` for the update of the
@@ -735,7 +740,7 @@ def _normalize_with_batch_stats(batch: _Batch, state, scale, bias, epsilon, reno
   )
   if settings.inplace:
     z, moments = _inplace.normalize_with_batch_stats(
-        x, batch.x, batch.feature_axes,
+        settings.ops, x, batch.x, batch.feature_axes,
         lambda moments: coefficients(_complete(moments, batch, state, settings)),
         batch.mask, settings.axis_name, settings.axis_index_groups, settings.activation,
         settings.negative_slope, batch.residual,

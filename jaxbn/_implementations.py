@@ -14,7 +14,13 @@ same signatures, and their differentiation rules.
 
 * ``"reference"``: the formulas under plain autodiff.
 * ``"fused"``: XLA's fusion with custom rules that keep only ``x`` and O(C)
-  values for the backward pass (``_fused``, ``_activation``).
+  values for the backward pass (``_fused``, ``_activation``); the fastest
+  formulation on GPU and TPU.
+* ``"kernel"``: jaxbn's compiled CPU kernels as JAX primitives (``_kernels``),
+  which take both sums in one pass and reach the minimal traffic; they fall
+  back to ``"fused"`` where the library was not built.
+* ``"auto"`` (the default): ``"kernel"`` on CPU where the kernels loaded,
+  ``"fused"`` elsewhere.
 
 ``resolve`` is the one place that turns the ``implementation`` argument into
 a ``LocalOps``; the contract tests run every implementation.
@@ -23,10 +29,12 @@ a ``LocalOps``; the contract tests run every implementation.
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-from jaxbn import _activation, _fused
+import jax
 
-Implementation = Literal["fused", "reference"]
-IMPLEMENTATIONS = ("fused", "reference")
+from jaxbn import _activation, _fused, _kernels
+
+Implementation = Literal["auto", "kernel", "fused", "reference"]
+IMPLEMENTATIONS = ("auto", "kernel", "fused", "reference")
 
 
 class LocalOps(NamedTuple):
@@ -64,13 +72,22 @@ def _fused_affine(x, stored, shift, a, b, residual, activation, negative_slope):
   )
 
 
+def _kernel_affine(x, stored, shift, a, b, residual, activation, negative_slope):
+  if activation is None and residual is None:
+    return _kernels.shifted_affine(x, stored, shift, a, b)
+  return _kernels.shifted_affine_act(activation, negative_slope, x, stored, shift, a, b, residual)
+
+
 REFERENCE = LocalOps("reference", _reference_sums, _reference_affine)
 FUSED = LocalOps("fused", _fused.shifted_sums, _fused_affine)
-_BY_NAME = {ops.name: ops for ops in (FUSED, REFERENCE)}
+KERNEL = LocalOps("kernel", _kernels.shifted_sums, _kernel_affine)
+_BY_NAME = {ops.name: ops for ops in (KERNEL, FUSED, REFERENCE)}
 
 
 def resolve(implementation: Implementation) -> LocalOps:
   """The ``LocalOps`` of an ``implementation`` argument.
+
+  ``"auto"`` is decided while tracing, by ``jax.default_backend()``.
 
   Raises:
     ValueError: if ``implementation`` is not one of ``IMPLEMENTATIONS``.
@@ -79,4 +96,7 @@ def resolve(implementation: Implementation) -> LocalOps:
     raise ValueError(
         f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
     )
+  if implementation == "auto":
+    on_cpu = jax.default_backend() == "cpu"
+    return KERNEL if on_cpu and _kernels.available() else FUSED
   return _BY_NAME[implementation]

@@ -48,21 +48,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _activation, _fused, _implementations, _stats
+from jaxbn import _activation, _fused, _stats
 
 
 def check(activation, negative_slope, implementation) -> None:
-  """``inplace=True`` needs an invertible activation and the fused implementation."""
+  """``inplace=True`` needs an invertible activation and custom rules (not the reference)."""
   if activation == "relu" or (activation == "leaky_relu" and negative_slope == 0):
     raise ValueError(
         f"`inplace=True` recovers the normalized input from the output, so it needs an "
         f"invertible activation: None, or 'leaky_relu' with `negative_slope` > 0; got "
         f"`activation`={activation!r} with `negative_slope`={negative_slope}."
     )
-  if implementation != "fused":
+  if implementation == "reference":
     raise ValueError(
-        f"`inplace=True` is a backward pass of the fused implementation; got "
-        f"`implementation`={implementation!r}, use 'fused'."
+        "`inplace=True` is a backward pass of the fused implementation; got "
+        "`implementation`='reference' (plain autodiff, without custom rules): use 'auto' "
+        "(the default), 'kernel' or 'fused'."
     )
 
 
@@ -150,6 +151,7 @@ def _output_jvp(s, primals, tangents):
 
 
 def normalize_with_batch_stats(
+    ops,
     x,
     stored,
     feature_axes,
@@ -164,6 +166,8 @@ def normalize_with_batch_stats(
   """``(act((x - K) a + b + r), moments)`` whose reverse mode keeps the output, not ``x``.
 
   Args:
+    ops: the implementation (``_implementations.LocalOps``) of the values of the
+      sums and of ``z``; the derivatives are this module's.
     x: the input in the compute dtype.
     stored: the caller's array (``x`` before the cast): ``z`` takes its dtype,
       so a half-precision network keeps half-precision outputs only.
@@ -178,12 +182,12 @@ def normalize_with_batch_stats(
   """
   s = _activation.slope(activation, negative_slope)
   axes = _stats.reduction_axes(x.ndim, feature_axes)
-  local = _stats.local_moments(lax.stop_gradient(x), axes, mask, ops=_implementations.REFERENCE)
+  values = lax.stop_gradient((x, stored, residual))  # the rules below give the derivatives
+  local = _stats.local_moments(values[1], axes, mask, ops=ops)
   moments0 = _stats.all_reduce_moments(local, axis_name, axis_index_groups)
   a0, b0 = (lax.stop_gradient(v) for v in coefficients(moments0))
   shift = moments0.shift
-  z = _activation.add_and_apply((x - shift) * a0 + b0, residual, activation, negative_slope)
-  z = z.astype(stored.dtype)
+  z = ops.shifted_affine(*values[:2], shift, a0, b0, values[2], activation, negative_slope)
   s1, s2 = carry_sums(axes, s, x, z, residual, a0, b0, shift - local.shift, mask)
   n = jnp.maximum(local.count, 1)
   local = local._replace(

@@ -317,7 +317,7 @@ def batch_stats(
       mask,
       axis_name,
       axis_index_groups,
-      ops=_implementations.FUSED,
+      ops=_implementations.resolve("auto"),
   )
   shape = feature_shape(x.shape, feature_axes)
   return moments.mean.reshape(shape), moments.var.reshape(shape)

@@ -4,6 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Every implementation of batch norm's local pieces (jaxbn._implementations); the default,
+# "auto", is "kernel" on CPU where the kernels loaded.
+IMPLEMENTATIONS = ("kernel", "fused", "reference")
+
 # Absolute tolerances on normalized outputs (unit scale) and on statistics
 # relative to the data's spread, per input dtype.
 TOLERANCE = {

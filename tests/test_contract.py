@@ -15,7 +15,7 @@ import pytest
 
 import jaxbn
 
-IMPLEMENTATIONS = ("fused", "reference")
+IMPLEMENTATIONS = ref.IMPLEMENTATIONS
 
 f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
 

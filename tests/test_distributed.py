@@ -376,7 +376,7 @@ def _nested(fn, outer_map, in_axes=0):
   return jax.pmap(inner, "o", in_axes=in_axes)
 
 
-@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("implementation", _reference.IMPLEMENTATIONS)
 @pytest.mark.parametrize("outer_map", ["vmap", "pmap"])
 def test_tuple_axis_name_under_nested_maps_gives_full_batch_statistics(
     full_batch, outer_map, implementation

@@ -222,7 +222,7 @@ CASES = {
     ),
     "implementation-unknown": (
         _bn(implementation="pallas"), (X, STATE), ValueError,
-        r"`implementation` must be one of \('fused', 'reference'\), got 'pallas'",
+        r"`implementation` must be one of \('auto', 'kernel', 'fused', 'reference'\), got 'pallas'",
     ),
     # axis_name outside a map that binds it
     "axis-name-unbound": (

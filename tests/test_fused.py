@@ -20,6 +20,7 @@ import pytest
 import jaxbn
 from benchmarks.shapes import RESNET_MID, TINY
 from jaxbn import _fused
+from tests._reference import IMPLEMENTATIONS
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 
@@ -116,21 +117,19 @@ def test_half_precision_matches_reference(passes, masked):
   @jax.jit
   def derivatives(x, scale, bias):
     out = {}
-    for implementation in ("fused", "reference"):
+    for implementation in IMPLEMENTATIONS:
       fn = functools.partial(_output, implementation, -1, mask)
       y, vjp = jax.vjp(fn, x, scale, bias)
       out[implementation] = (y, vjp(dy), jax.jvp(fn, (x, scale, bias), tangents)[1])
     return out
 
   out = derivatives(x, scale, bias)
-  assert jax.tree.map(lambda a: a.dtype, out["fused"]) == jax.tree.map(
-      lambda a: a.dtype, out["reference"]
-  )
-  for fused, reference in zip(
-      jax.tree.leaves(out["fused"]), jax.tree.leaves(out["reference"]), strict=True
-  ):
-    fused, reference = np.asarray(fused, np.float32), np.asarray(reference, np.float32)
-    np.testing.assert_allclose(fused, reference, atol=3 * 2**-8 * np.abs(reference).max())
+  for implementation in ("kernel", "fused"):
+    ours, reference = out[implementation], out["reference"]
+    assert jax.tree.map(lambda a: a.dtype, ours) == jax.tree.map(lambda a: a.dtype, reference)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      np.testing.assert_allclose(a, b, atol=3 * 2**-8 * np.abs(b).max(), err_msg=implementation)
 
 
 def test_fused_gradients_equal_reference_with_axis_name():
@@ -148,12 +147,13 @@ def test_fused_gradients_equal_reference_with_axis_name():
 
     return jnp.sum(jnp.sin(jax.vmap(one, axis_name="batch")(x)))
 
-  grads = [
+  *custom, reference = [  # the reference comes last
       jax.jit(jax.grad(functools.partial(loss, i), argnums=(0, 1, 2)))(x, scale, bias)
-      for i in ("fused", "reference")
+      for i in IMPLEMENTATIONS
   ]
-  for fused, reference in zip(*grads, strict=True):
-    np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-5)
+  for grads in custom:
+    for ours, want in zip(grads, reference, strict=True):
+      np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=["float32", "bfloat16"])
@@ -167,7 +167,7 @@ def test_accelerator_passes_compute_what_the_cpu_passes_compute(variant, dtype, 
   rng = np.random.default_rng(4)
   dy = jnp.asarray(rng.standard_normal(x.shape), dtype)
   residual = jnp.asarray(rng.standard_normal(x.shape), dtype) if variant.get("residual") else None
-  kwargs = {**variant, "residual": residual}
+  kwargs = {**variant, "residual": residual, "implementation": "fused"}
   tangents = (jnp.asarray(rng.standard_normal(x.shape), dtype), 0.1 * scale, 0.1 * bias)
 
   def step(x, scale, bias):

@@ -17,7 +17,7 @@ import pytest
 
 import jaxbn
 
-IMPLEMENTATIONS = ("fused", "reference")
+IMPLEMENTATIONS = ref.IMPLEMENTATIONS
 OFFSETS = (0.0, 1e2, 1e4, 1e6)
 SHAPE = (1024, 4)
 

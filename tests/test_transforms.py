@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn._core import IMPLEMENTATIONS
 from tests import _reference
+from tests._reference import IMPLEMENTATIONS
 
 N, C = 16, 5
 TOL = dict(rtol=2e-5, atol=2e-5)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import assert_close, tolerance
+from _reference import IMPLEMENTATIONS, assert_close, tolerance
 from jax._src.ad_checkpoint import saved_residuals
 from jax.test_util import check_grads
 
@@ -53,7 +53,7 @@ def test_outputs_against_the_reference(activation, shape, axis, dtype):
     return {(impl, training, with_residual): _bn(
         x, residual if with_residual else None, state, scale, bias, training=training,
         axis=axis, activation=activation, implementation=impl)
-            for impl in ("fused", "reference") for training in (True, False)
+            for impl in IMPLEMENTATIONS for training in (True, False)
             for with_residual in (True, False)}
 
   x64, r64 = np.asarray(x, np.float64), np.asarray(residual, np.float64)
@@ -78,9 +78,11 @@ def test_fused_gradients_equal_plain_autodiff(activation):
     return jnp.sum(jnp.sin(3 * z)) + jnp.sum(new.mean)
 
   grads = jax.jit(lambda *args: [jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3))(
-      *args) for impl in ("fused", "reference")])(x, residual, scale, bias)
-  for fused, reference, name in zip(*grads, ["x", "residual", "scale", "bias"], strict=True):
-    assert_close(fused, np.asarray(reference, np.float64), 1e-4, name)
+      *args) for impl in IMPLEMENTATIONS])(x, residual, scale, bias)
+  *custom, reference = grads  # IMPLEMENTATIONS ends with the reference
+  for grads in custom:
+    for ours, want, name in zip(grads, reference, ["x", "residual", "scale", "bias"], strict=True):
+      assert_close(ours, np.asarray(want, np.float64), 1e-4, name)
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
@@ -154,6 +156,7 @@ def _padded(dtype=jnp.float32):
 
 # "inference" normalizes with the running statistics; "renorm" and "inplace" are the variants.
 PATHS = {
+    "kernel": dict(implementation="kernel"),
     "fused": dict(implementation="fused"),
     "reference": dict(implementation="reference"),
     "inference": dict(training=False),
@@ -190,7 +193,7 @@ def test_activations_of_infinite_and_nan_padding_follow_their_definition(path, a
     np.testing.assert_array_equal(y[9], 0.0)
 
 
-@pytest.mark.parametrize("path", ["fused", "reference", "renorm"])
+@pytest.mark.parametrize("path", ["kernel", "fused", "reference", "renorm"])
 def test_relu_gradients_with_minus_inf_padding_equal_those_with_finite_padding(path):
   x, mask = _padded()
   x = x[:8].at[7].set(-1e30)  # valid rows, then -inf and -1e30 padding

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import assert_close, tolerance
+from _reference import IMPLEMENTATIONS, assert_close, tolerance
 from jax.test_util import check_grads
 
 import jaxbn
@@ -58,7 +58,7 @@ def test_matches_keras_outputs_statistics_and_gradients():
   trainable = [v.value for v in layer.trainable_variables]  # gamma, beta
   non_trainable = [v.value for v in layer.non_trainable_variables]
   names = [v.path.split("/")[-1] for v in layer.non_trainable_variables]
-  states = {impl: init_renorm_state(4) for impl in ("fused", "reference")}
+  states = {impl: init_renorm_state(4) for impl in IMPLEMENTATIONS}
   clipped = 0
   for x in _batches((6, 4, 5), 1, steps=4):
     (_, (y_keras, non_trainable)), (d_trainable, dx_keras) = keras_step(
@@ -79,7 +79,7 @@ def test_matches_keras_outputs_statistics_and_gradients():
   assert clipped > 0  # the clipping took part.
 
 
-@pytest.mark.parametrize("implementation", ["fused", "reference", "inplace"])
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "inplace"])
 def test_against_the_float64_reference_nhwc(implementation):
   renorm = Renorm(r_max=1.3, d_max=0.5, momentum=0.8)
   kwargs = dict(momentum=0.9, epsilon=1e-3, renorm=renorm,
@@ -180,7 +180,7 @@ def test_bad_input(renorm, state, kwargs, error, match):
 # Regression: a feature with no valid entry got r and d from the running statistics that
 # stand in for the batch's (r = sqrt(var + eps) / renorm_std): at the initial state y = x,
 # where inference gives x / sqrt(1 + eps).
-@pytest.mark.parametrize("implementation", ["fused", "reference"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("virtual_batch_size", [None, 3])
 def test_a_feature_without_valid_entries_is_normalized_as_in_inference(
     implementation, virtual_batch_size
