@@ -54,6 +54,7 @@ LAYOUTS = {
     "features-first": ((6, 40), (0,)),
     "wide": ((5, 9000), (1,)),
     "many-tasks": ((300, 9, 35), (2,)),
+    "whole-vectors": ((70, 9, 64), (2,)),  # rows of 4 vectors, over two tasks
     "nchw-many-tasks": ((7, 33, 41, 43), (1,)),
 }
 
