@@ -309,3 +309,13 @@ def test_cli_runs_the_workloads_after_the_shapes(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert out.index("== inference, float32 ==") < out.index("== workloads")
   assert math.isfinite(doc["duration_s"])
+
+
+def test_kernel_piece_timings_cover_every_piece():
+  from benchmarks import kernels
+
+  times, nbytes = kernels.measure(*kernels.TINY, "float32", rounds=1)
+  assert nbytes == 8 * 16 * 4
+  for piece in ("sums kernel", "sums xla", "bwd sums kernel", "affine kernel", "step kernels"):
+    assert times[piece] > 0, piece
+  assert kernels.report(kernels.TINY[0], kernels.TINY[1], "float32", times, nbytes).count("|") > 5

@@ -1,6 +1,6 @@
 """Timings of the kernels against XLA, PyTorch and the memory-bound ideal (a development tool).
 
-Run ``python -m jaxbn._kernels._measure [--dtype float32 bfloat16] [--rounds 7]``
+Run ``python -m benchmarks.kernels [--dtype float32 bfloat16] [--rounds 7]``
 on CPU. All contenders of a row run in one process, taking turns, and each
 time is the median over the rounds of the mean of a few calls after a
 warm-up; the machine's bandwidth varies from run to run, so compare ratios.
