@@ -171,6 +171,16 @@ def test_nested_vmap_with_shared_parameters():
       np.testing.assert_allclose(got[i, j], step(x[i, j], scale, bias), rtol=1e-5, atol=1e-5)
 
 
+# Regression: per example (one entry per feature), a vmapped MLP ran the sums as one kernel
+# task per entry, 40 ms for 512 x 512 where XLA's elementwise pieces take 0.2 ms.
+def test_one_entry_per_feature_takes_xla_elementwise_pieces():
+  x, scale, bias = inputs((8, 16), (1,), f32, seed=11)
+  per_example = jax.vmap(functools.partial(train_step, kernels, (0,)), (0, None, None))
+  assert custom_calls(per_example, x, scale, bias) == []
+  want = jax.vmap(functools.partial(train_step, FUSED, (0,)), (0, None, None))(x, scale, bias)
+  np.testing.assert_allclose(jax.jit(per_example)(x, scale, bias), want, rtol=1e-6, atol=1e-6)
+
+
 def synced_step(pieces, axis_name, x, scale, bias):
   """Batch norm over a batch split along a vmapped ``axis_name``: the sums are psum'd."""
   kept = (1,)

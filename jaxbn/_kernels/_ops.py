@@ -13,6 +13,8 @@ They fall back to those fused functions when the kernels are not loaded
 Float64 takes the primitives, whose CPU lowering is then their reference.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -21,8 +23,16 @@ from jaxbn._kernels import _layout, _library, _primitives
 
 
 def _view(x, kept):
-  """The layout of ``x`` with features ``kept``, or None when the kernels cannot take it."""
+  """The layout of ``x`` with features ``kept``, or None when the kernels cannot take it.
+
+  Nor when each feature has a single entry (per example under ``vmap``, say):
+  with nothing to reduce, every piece is elementwise, which XLA fuses, where
+  the kernels would run one task per entry.
+  """
   if not _library.available():
+    return None
+  entries = math.prod(n for i, n in enumerate(x.shape) if i not in kept)
+  if not jax.export.is_symbolic_dim(entries) and entries == 1:
     return None
   return _layout.layout(x.shape, kept)
 
