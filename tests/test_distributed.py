@@ -474,3 +474,21 @@ def test_linen_tuple_axis_name_inside_two_nn_vmaps_matches_flax():
   mean, var = _reference.batch_stats(x.reshape(-1, C))  # of all OUTER * INNER * N rows
   np.testing.assert_allclose(stats["mean"], 0.5 * mean, **TOL)
   np.testing.assert_allclose(stats["var"], 0.5 + 0.5 * var, **TOL)
+
+
+def test_nnx_tuple_axis_name_inside_two_nnx_vmaps_matches_flax():
+  x, _, _, _ = _data()
+  x = x.reshape(OUTER, INNER, N, C)
+  results = []
+  for cls in (nnx.BatchNorm, jaxbn.nnx.BatchNorm):
+    model = cls(C, axis_name=("outer", "inner"), momentum=0.5, use_fast_variance=False,
+                rngs=nnx.Rngs(0))
+    inner = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="inner")
+    outer = nnx.vmap(inner, in_axes=(None, 0), axis_name="outer")
+    y = outer(model, x)
+    results.append((y, nnx.state(model, nnx.BatchStat)))
+  flax_result, jaxbn_result = results
+  for got, want in zip(jax.tree.leaves(jaxbn_result), jax.tree.leaves(flax_result), strict=True):
+    np.testing.assert_allclose(got, want, **TOL)
+  mean, var = _reference.batch_stats(x.reshape(-1, C))  # of all OUTER * INNER * N rows
+  np.testing.assert_allclose(jaxbn_result[1]["mean"][...], 0.5 * mean, **TOL)
