@@ -184,7 +184,13 @@ def normalize_with_batch_stats(
   axes = _stats.reduction_axes(x.ndim, feature_axes)
   values = lax.stop_gradient((x, stored, residual))  # the rules below give the derivatives
   local = _stats.local_moments(values[1], axes, mask, ops=ops)
-  moments0 = _stats.all_reduce_moments(local, axis_name, axis_index_groups)
+  reduce = partial(
+      _stats.all_reduce_moments,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      one_entry=_stats.has_one_entry(x.shape, axes),
+  )
+  moments0 = reduce(local)
   a0, b0 = (lax.stop_gradient(v) for v in coefficients(moments0))
   shift = moments0.shift
   z = ops.shifted_affine(*values[:2], shift, a0, b0, values[2], activation, negative_slope)
@@ -193,6 +199,6 @@ def normalize_with_batch_stats(
   local = local._replace(
       delta=local.delta + s1 / n, m2=local.m2 + s2 - s1 * (2 * local.delta + s1 / n)
   )
-  moments = _stats.all_reduce_moments(local, axis_name, axis_index_groups)
+  moments = reduce(local)
   a, b = coefficients(moments)
   return output(s, z, x, residual, a0, b0, a, b), moments

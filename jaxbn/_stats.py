@@ -132,8 +132,7 @@ def _gather(value: jax.Array, axis_name: AxisName, axis_index_groups) -> jax.Arr
 
 def _gather_groups(value, axis_name, axis_index_groups):
   names = _names(axis_name)
-  varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
-  if not set(names) <= varying:  # vmap, pmap
+  if not _is_varying(value, axis_name):  # vmap, pmap
     if len(names) == 1:
       return lax.all_gather(value, axis_name, axis_index_groups=axis_index_groups)
     if axis_index_groups is not None:
@@ -160,7 +159,7 @@ def _gather_groups(value, axis_name, axis_index_groups):
 
 
 def all_reduce_moments(
-    moments: Moments, axis_name: AxisName | None, axis_index_groups
+    moments: Moments, axis_name: AxisName | None, axis_index_groups, *, one_entry: bool = False
 ) -> Moments:
   """Combines the moments of all devices along ``axis_name`` (Chan et al., 1979).
 
@@ -176,11 +175,16 @@ def all_reduce_moments(
 
   Exact whatever the number of valid entries on each device, zero included,
   and the same bits on every device of a group. The result is ``centered``.
+  Where each device holds one entry per feature (``one_entry``, known from
+  the shapes: a per-example ``vmap``), the gathered moments would be four
+  times the data; ``_all_reduce_by_sums`` sums them instead.
   """
   _validation.check_axis_name(axis_name)
   _validation.check_axis_index_groups(axis_index_groups, axis_name)
   if axis_name is None:
     return centered(moments)
+  if one_entry and axis_index_groups is None and not _is_varying(moments.count, axis_name):
+    return _all_reduce_by_sums(moments, axis_name)
   stacked = jnp.stack(jnp.broadcast_arrays(*moments))
   gathered = _gather(stacked, axis_name, axis_index_groups)
   counts, shifts, deltas, m2s = jnp.moveaxis(gathered, 1, 0)
@@ -191,6 +195,34 @@ def all_reduce_moments(
   delta = jnp.sum(counts * deltas, axis=0, keepdims=True) / jnp.maximum(count, 1)
   m2 = jnp.sum(m2s + counts * jnp.square(deltas - delta), axis=0)
   return centered(Moments(count[0], shift[0], delta[0], m2))
+
+
+def _all_reduce_by_sums(moments: Moments, axis_name: AxisName) -> Moments:
+  """``all_reduce_moments`` in two ``psum`` calls, which ``vmap`` makes two reductions.
+
+  With ``m_i = K_i + delta_i`` each device's mean, the first sum gives the
+  shift ``K = sum(n_i m_i) / n``, a rounding of the mean; the second sums
+  the deviations ``d_i = m_i - K``, each exact near ``K``::
+
+      delta = sum(n_i d_i) / n
+      M2 = sum(M2_i + n_i d_i^2) - n delta^2
+
+  ``delta`` is a rounding error of ``K``: the subtraction cancels nothing.
+  """
+  n_i, m_i = moments.count, moments.mean
+  count, total = lax.psum((n_i, n_i * m_i), axis_name)
+  n = jnp.maximum(count, 1)
+  shift = lax.stop_gradient(total / n)
+  d_i = m_i - shift
+  s1, s2 = lax.psum((n_i * d_i, moments.m2 + n_i * d_i * d_i), axis_name)
+  delta = s1 / n
+  return centered(Moments(count, shift, delta, jnp.maximum(s2 - s1 * delta, 0)))
+
+
+def _is_varying(value: jax.Array, axis_name: AxisName) -> bool:
+  """Whether ``value`` varies along all of ``axis_name`` (in ``shard_map``; not in ``vmap``)."""
+  varying = getattr(getattr(jax.typeof(value), "mat", None), "varying", frozenset())
+  return set(_names(axis_name)) <= varying
 
 
 def centered(moments: Moments) -> Moments:
@@ -250,6 +282,11 @@ def _sharded_moments(x, axes, mask, mesh_axes, *, ops) -> Moments:
       out_specs=Moments(*(stats_spec,) * 4),
       axis_names={n for entry in x_spec for n in _names(entry)},
   )(x, mask)
+
+
+def has_one_entry(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+  """Whether ``shape`` holds one entry per feature (a symbolic size is never known to be 1)."""
+  return all(not jax.export.is_symbolic_dim(shape[i]) and shape[i] == 1 for i in axes)
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -331,4 +368,6 @@ def global_moments(x, feature_axes, mask, axis_name, axis_index_groups, *, ops) 
     moments = _sharded_moments(x, axes, mask, mesh_axes, ops=ops)
   else:
     moments = local_moments(x, axes, mask, ops=ops)
-  return all_reduce_moments(moments, axis_name, axis_index_groups)
+  return all_reduce_moments(
+      moments, axis_name, axis_index_groups, one_entry=has_one_entry(x.shape, axes)
+  )

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
 
 import jaxbn
 import jaxbn.linen
@@ -492,3 +493,67 @@ def test_nnx_tuple_axis_name_inside_two_nnx_vmaps_matches_flax():
     np.testing.assert_allclose(got, want, **TOL)
   mean, var = _reference.batch_stats(x.reshape(-1, C))  # of all OUTER * INNER * N rows
   np.testing.assert_allclose(jaxbn_result[1]["mean"][...], 0.5 * mean, **TOL)
+
+
+# A per-example `vmap` (Equinox's idiom) holds one entry per feature in each member.
+@pytest.mark.parametrize("implementation", _reference.IMPLEMENTATIONS)
+@pytest.mark.parametrize("outer_map", ["vmap", "pmap"])
+def test_per_example_maps_give_full_batch_statistics(full_batch, outer_map, implementation):
+  x, mask, scale, bias = _data()
+  rows = jnp.broadcast_to(mask, x.shape)[..., :1]  # (D, N, 1): one mask entry per example
+  grad_step = jax.grad(
+      partial(_step, axis_name=("d", "n"), implementation=implementation),
+      argnums=(0, 2, 3),
+      has_aux=True,
+  )
+  in_axes = (0, 0, None, None)
+  inner = jax.vmap(grad_step, in_axes, axis_name="n")  # over the N examples of a device
+  if outer_map == "vmap":
+    mapped = jax.jit(jax.vmap(inner, in_axes, axis_name="d"))
+  else:
+    mapped = jax.pmap(inner, "d", in_axes=in_axes)
+  grads, (y, state) = mapped(x, rows, scale, bias)
+  state = jax.tree.map(lambda a: np.reshape(a, (D * N,) + np.shape(a)[2:]), state)
+  _assert_matches_full_batch(
+      y, state, (grads[0], *(np.sum(g, (0, 1)) for g in grads[1:])), full_batch
+  )
+
+
+def test_per_example_vmap_is_exact_far_from_zero():
+  rng = np.random.default_rng(1)
+  x = (1e4 + rng.normal(size=(256, 5))).astype(np.float32)
+  per_example = lambda xi: jaxbn.batch_stats(xi, axis_name="b")  # noqa: E731
+  mean, var = jax.jit(jax.vmap(per_example, axis_name="b", out_axes=None))(x)
+  want_mean, want_var = _reference.batch_stats(x)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-7)
+  np.testing.assert_allclose(var, want_var, rtol=1e-5)
+
+
+def test_per_example_vmap_holds_no_array_larger_than_the_batch():
+  """The moments of B members are summed, not gathered into (B, 4, C) arrays."""
+  B, C = 64, 16
+
+  def loss(x):
+    step = lambda xi: jaxbn.batch_norm(xi, jaxbn.init_state(C), training=True, axis_name="b")  # noqa: E731
+    y, _ = jax.vmap(step, axis_name="b", out_axes=(0, None))(x)
+    return jnp.sum(jnp.sin(y))
+
+  hlo = jax.jit(jax.grad(loss)).lower(jnp.ones((B, C))).compile().as_text()
+  shapes = re.findall(r"f32\[([\d,]*)\]", hlo)
+  assert max(np.prod([int(d) for d in dims.split(",") if d]) for dims in shapes) == B * C
+
+
+def test_per_example_vmap_second_derivatives():
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 3)))
+    mask = jnp.asarray([[True], [False], [True], [True], [False], [True]])
+
+    def f(x, scale, bias):
+      step = lambda xi, mi: jaxbn.batch_norm(  # noqa: E731
+          xi, jaxbn.init_state(3, jnp.float64), scale, bias, training=True, axis_name="b",
+          mask=mi,
+      )
+      y, _ = jax.vmap(step, axis_name="b", out_axes=(0, None))(x, mask)
+      return jnp.sin(y)
+
+    check_grads(f, (x, jnp.ones(3) + 0.1 * x[0], 0.1 * x[1]), order=2, modes=("fwd", "rev"))
