@@ -140,7 +140,9 @@ def _normalize(
   b = -(mean - shift) * a
   if bias is not None:
     b = b + bias
-  return ops.shifted_affine(x.astype(dtype), x, shift, a, b, residual, activation, negative_slope)
+  return ops.shifted_affine(
+      _stats.to_compute_dtype(x), x, shift, a, b, residual, activation, negative_slope
+  )
 
 
 Averaging = Literal["ema", "debiased_ema", "cumulative"]
@@ -650,14 +652,17 @@ def _ghost_batch(x, mask, residual, settings: _Settings) -> _Batch:
 # 3. The moments of the batch.
 
 
-def _batch_moments(x, batch: _Batch, state, settings: _Settings) -> _stats.Moments:
+def _batch_moments(
+    x, batch: _Batch, state, settings: _Settings, stored=None
+) -> _stats.Moments:
   """The moments of the whole batch: this device's shard, then every device's (``_stats``).
 
-  ``x`` is ``batch.x`` (read as stored), or its ``stop_gradient``.
+  ``x`` is ``batch.x`` (read as stored), its ``stop_gradient``, or its
+  conversion to the compute dtype with ``stored=batch.x``.
   """
   moments = _stats.global_moments(
       x, batch.feature_axes, batch.mask, settings.axis_name, settings.axis_index_groups,
-      ops=settings.ops,
+      ops=settings.ops, stored=stored,
   )
   return _complete(moments, batch, state, settings)
 
@@ -733,7 +738,7 @@ def _normalize_with_running_stats(x, state, scale, bias, epsilon, residual, sett
 def _normalize_with_batch_stats(batch: _Batch, state, scale, bias, epsilon, renorm, settings):
   """``(z, moments)``: steps 3 to 5, with the moments of the (global) batch."""
   dtype = _stats.compute_dtype(batch.x.dtype)
-  x = batch.x.astype(dtype)
+  x = _stats.to_compute_dtype(batch.x)
   coefficients = functools.partial(
       _batch_coefficients, scale=batch.expand(scale, dtype), bias=batch.expand(bias, dtype),
       batch=batch, state=state, epsilon=epsilon, renorm=renorm, settings=settings,
@@ -746,7 +751,7 @@ def _normalize_with_batch_stats(batch: _Batch, state, scale, bias, epsilon, reno
         settings.negative_slope, batch.residual,
     )
     return z, _complete(moments, batch, state, settings)
-  moments = _batch_moments(batch.x, batch, state, settings)
+  moments = _batch_moments(x, batch, state, settings, stored=batch.x)
   a, b = coefficients(moments)
   z = settings.ops.shifted_affine(
       x, batch.x, moments.shift, a, b, batch.residual, settings.activation,

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxbn import _implementations, _validation
+from jaxbn import _convert, _implementations, _validation
 from jaxbn._implementations import LocalOps
 
 AxisName = Any  # a hashable axis name, or a tuple of them.
@@ -55,6 +55,13 @@ def compute_dtype(dtype) -> jnp.dtype:
   # An explicit promotion: the lattice's answer also under jax_numpy_dtype_promotion="strict".
   with jax.numpy_dtype_promotion("standard"):
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def to_compute_dtype(x: jax.Array) -> jax.Array:
+  """``x`` in ``compute_dtype``; the gradient of a bfloat16 ``x`` rounds as ``_convert`` says."""
+  if x.dtype == jnp.bfloat16:
+    return _convert.upcast(x)
+  return x.astype(compute_dtype(x.dtype))
 
 
 def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
@@ -93,7 +100,9 @@ def _replicated_along(value: jax.Array, axes: tuple[int, ...], mesh) -> jax.Arra
   return lax.with_sharding_constraint(value, jax.NamedSharding(mesh, spec))
 
 
-def local_moments(x: jax.Array, axes: tuple[int, ...], mask, *, ops: LocalOps) -> Moments:
+def local_moments(
+    x: jax.Array, axes: tuple[int, ...], mask, *, ops: LocalOps, stored: jax.Array | None = None
+) -> Moments:
   """Moments of ``x`` on this device.
 
   Args:
@@ -102,11 +111,16 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask, *, ops: LocalOps) -
     axes: the reduction axes.
     mask: ``None`` or a boolean array broadcastable to ``x``.
     ops: the implementation of the shifted sums and their derivatives.
+    stored: where ``x`` is the caller's conversion of a half-precision array
+      to the compute dtype, that array, which the sums read. The caller's
+      one conversion then carries the gradients of all its uses, so that
+      ``dx`` is rounded to half precision once.
 
   Returns:
     ``Moments`` with size-1 reduction axes, in the compute dtype.
   """
-  stored, x = x, x.astype(compute_dtype(x.dtype))
+  stored = x if stored is None else stored
+  x = to_compute_dtype(x)
   shift = _first_valid_sample(stored, axes, mask).astype(x.dtype)
   s1, s2 = ops.shifted_sums(axes, x, stored, shift, mask)
   if mask is None:
@@ -251,7 +265,7 @@ def _explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
   return tuple(n for i, entry in enumerate(spec) if i in axes for n in _names(entry))
 
 
-def _sharded_moments(x, axes, mask, mesh_axes, *, ops) -> Moments:
+def _sharded_moments(x, axes, mask, mesh_axes, *, ops, stored) -> Moments:
   """Moments of an explicitly sharded ``x``: per shard, then one collective.
 
   Under ``jit`` the shift ``K`` of the whole array would be a sample held by one
@@ -271,17 +285,17 @@ def _sharded_moments(x, axes, mask, mesh_axes, *, ops) -> Moments:
   else:
     mask_spec = None
 
-  def shard_moments(x, mask):
-    local = local_moments(x, axes, mask, ops=ops)
+  def shard_moments(x, mask, stored):
+    local = local_moments(x, axes, mask, ops=ops, stored=stored)
     return all_reduce_moments(local, mesh_axes, None)
 
   return jax.shard_map(
       shard_moments,
       mesh=mesh,
-      in_specs=(P(*x_spec), mask_spec),
+      in_specs=(P(*x_spec), mask_spec, None if stored is None else P(*x_spec)),
       out_specs=Moments(*(stats_spec,) * 4),
       axis_names={n for entry in x_spec for n in _names(entry)},
-  )(x, mask)
+  )(x, mask, stored)
 
 
 def has_one_entry(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
@@ -360,14 +374,19 @@ def batch_stats(
   return moments.mean.reshape(shape), moments.var.reshape(shape)
 
 
-def global_moments(x, feature_axes, mask, axis_name, axis_index_groups, *, ops) -> Moments:
-  """Moments over the whole batch: all shards of ``x`` and all devices along ``axis_name``."""
+def global_moments(
+    x, feature_axes, mask, axis_name, axis_index_groups, *, ops, stored=None
+) -> Moments:
+  """Moments over the whole batch: all shards of ``x`` and all devices along ``axis_name``.
+
+  ``stored`` as in ``local_moments``.
+  """
   axes = reduction_axes(x.ndim, feature_axes)
   mesh_axes = _explicit_mesh_axes(x, axes)
   if mesh_axes:
-    moments = _sharded_moments(x, axes, mask, mesh_axes, ops=ops)
+    moments = _sharded_moments(x, axes, mask, mesh_axes, ops=ops, stored=stored)
   else:
-    moments = local_moments(x, axes, mask, ops=ops)
+    moments = local_moments(x, axes, mask, ops=ops, stored=stored)
   return all_reduce_moments(
       moments, axis_name, axis_index_groups, one_entry=has_one_entry(x.shape, axes)
   )
