@@ -140,9 +140,7 @@ def _normalize(
   b = -(mean - shift) * a
   if bias is not None:
     b = b + bias
-  return ops.shifted_affine(
-      _stats.to_compute_dtype(x), x, shift, a, b, residual, activation, negative_slope
-  )
+  return ops.shifted_affine(x.astype(dtype), x, shift, a, b, residual, activation, negative_slope)
 
 
 Averaging = Literal["ema", "debiased_ema", "cumulative"]
@@ -738,7 +736,7 @@ def _normalize_with_running_stats(x, state, scale, bias, epsilon, residual, sett
 def _normalize_with_batch_stats(batch: _Batch, state, scale, bias, epsilon, renorm, settings):
   """``(z, moments)``: steps 3 to 5, with the moments of the (global) batch."""
   dtype = _stats.compute_dtype(batch.x.dtype)
-  x = _stats.to_compute_dtype(batch.x)
+  x = batch.x.astype(dtype)
   coefficients = functools.partial(
       _batch_coefficients, scale=batch.expand(scale, dtype), bias=batch.expand(bias, dtype),
       batch=batch, state=state, epsilon=epsilon, renorm=renorm, settings=settings,

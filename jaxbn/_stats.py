@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxbn import _convert, _implementations, _validation
+from jaxbn import _implementations, _validation
 from jaxbn._implementations import LocalOps
 
 AxisName = Any  # a hashable axis name, or a tuple of them.
@@ -55,13 +55,6 @@ def compute_dtype(dtype) -> jnp.dtype:
   # An explicit promotion: the lattice's answer also under jax_numpy_dtype_promotion="strict".
   with jax.numpy_dtype_promotion("standard"):
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def to_compute_dtype(x: jax.Array) -> jax.Array:
-  """``x`` in ``compute_dtype``; the gradient of a bfloat16 ``x`` rounds as ``_convert`` says."""
-  if x.dtype == jnp.bfloat16:
-    return _convert.upcast(x)
-  return x.astype(compute_dtype(x.dtype))
 
 
 def _first_valid_sample(x: jax.Array, axes: tuple[int, ...], mask) -> jax.Array:
@@ -120,7 +113,7 @@ def local_moments(
     ``Moments`` with size-1 reduction axes, in the compute dtype.
   """
   stored = x if stored is None else stored
-  x = to_compute_dtype(x)
+  x = x.astype(compute_dtype(x.dtype))
   shift = _first_valid_sample(stored, axes, mask).astype(x.dtype)
   s1, s2 = ops.shifted_sums(axes, x, stored, shift, mask)
   if mask is None:

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import tomllib
 
 import numpy as np
 
@@ -52,3 +53,10 @@ def test_readme_says_what_the_training_loop_needs_installed():
   text = README.read_text()
   example = text[text.index("## A training loop"):text.index("```python")]
   assert "optax" in example and '".[flax]"' in example
+
+
+# Regression: setuptools warned on every install that the TOML table form of the license is
+# deprecated.
+def test_the_license_is_an_spdx_expression():
+  project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+  assert project["license"] == "Apache-2.0"
