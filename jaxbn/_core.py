@@ -115,7 +115,7 @@ def normalize(
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_per_feature(mean, feature_shape, "mean", required=True)
   _validation.check_per_feature(var, feature_shape, "var", required=True)
-  ops = _implementations.resolve("auto")
+  ops = _implementations.resolve("auto", batch_stats=False)
   return _normalize(x, feature_axes, mean, var, scale, bias, epsilon, ops)
 
 
@@ -522,7 +522,7 @@ def _settings(
 ) -> _Settings:
   """Checks the arguments of ``batch_norm`` (see its Raises) and resolves its settings."""
   use_batch_stats, update_stats = _resolve_switches(training, use_batch_stats, update_stats)
-  ops = _implementations.resolve(implementation)
+  ops = _implementations.resolve(implementation, batch_stats=use_batch_stats or update_stats)
   x, feature_axes, feature_shape = _check_common(x, axis, scale, bias, epsilon)
   _validation.check_state(state, feature_shape)
   _validation.check_mask(mask, x.shape)

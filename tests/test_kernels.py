@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxbn
 from jaxbn import _activation, _fused
 from jaxbn import _kernels as kernels
 from jaxbn._kernels import _primitives
@@ -360,3 +361,17 @@ def test_layout_without_a_view_takes_the_fused_path():
       rtol=1e-6, atol=1e-6,
   )
 
+
+
+@pytest.mark.skipif(not jaxbn.kernels_available(), reason="the kernels did not load")
+def test_auto_runs_the_kernels_to_take_statistics_and_xla_to_normalize_with_given_ones():
+  # Normalizing with given statistics is one elementwise pass, which XLA fuses with its
+  # neighbours; a custom call would stand between them.
+  x = jnp.ones((8, 4, 4, 3))
+  state = jaxbn.init_state(3)
+  step = lambda training: lambda x: jaxbn.batch_norm(x, state, training=training)[0]  # noqa: E731
+  assert sorted(custom_calls(step(True), x)) == ["jaxbn_shifted_affine", "jaxbn_shifted_sums"]
+  assert custom_calls(step(False), x) == []
+  assert custom_calls(lambda x: jaxbn.normalize(x, state.mean, state.var), x) == []
+  explicit = lambda x: jaxbn.batch_norm(x, state, training=False, implementation="kernel")[0]  # noqa: E731
+  assert custom_calls(explicit, x) == ["jaxbn_shifted_affine"]
