@@ -400,7 +400,9 @@ def batch_norm(
       take their statistics separately.
     implementation: ``"auto"`` (default) is ``"kernel"`` on CPU where jaxbn's
       compiled kernels loaded (``jaxbn.kernels_available()``) and ``"fused"``
-      elsewhere. ``"kernel"`` runs the statistics and the apply as compiled
+      elsewhere, and also where the step only normalizes with the running
+      statistics (inference: one elementwise pass, which XLA fuses with the
+      layers around it). ``"kernel"`` runs the statistics and the apply as compiled
       one-pass CPU kernels; ``"fused"`` as XLA's fusions; both differentiate
       with custom rules that keep only ``x`` and per-feature values for the
       backward pass. ``"reference"`` computes the same pieces under plain
