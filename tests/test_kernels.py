@@ -56,6 +56,7 @@ LAYOUTS = {
     "wide": ((5, 9000), (1,)),
     "many-tasks": ((300, 9, 35), (2,)),
     "whole-vectors": ((70, 9, 64), (2,)),  # rows of 4 vectors, over two tasks
+    "rows-in-blocks": ((37, 150), (1,)),  # rows of 3 chunks, read a block of rows at a time
     "nchw-many-tasks": ((7, 33, 41, 43), (1,)),
 }
 
