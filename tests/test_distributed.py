@@ -398,6 +398,15 @@ def test_tuple_axis_name_under_nested_maps_gives_full_batch_statistics(
   )
 
 
+def _assert_each_group_has_its_statistics(mean, var, x, mask):
+  """``mean``, ``var`` per device: those of its group of ``NESTED_GROUPS``."""
+  for group in NESTED_GROUPS:
+    want = _reference.batch_stats(x[group].reshape(-1, C), mask=mask[group].reshape(-1, 1))
+    for i in group:
+      np.testing.assert_allclose(mean[i], want[0], **TOL)
+      np.testing.assert_allclose(var[i], want[1], **TOL)
+
+
 @pytest.mark.parametrize("outer_map", ["vmap", "pmap"])
 def test_tuple_axis_name_under_nested_maps_with_groups(outer_map):
   x, mask, _, _ = _data()
@@ -405,11 +414,7 @@ def test_tuple_axis_name_under_nested_maps_with_groups(outer_map):
   nested = (np.reshape(a, (OUTER, INNER, N, -1)) for a in (x, mask))
   mean, var = _nested(lambda x, m: stats(x, mask=m), outer_map)(*nested)
   mean, var = np.reshape(mean, (D, C)), np.reshape(var, (D, C))
-  for group in NESTED_GROUPS:
-    want = _reference.batch_stats(x[group].reshape(-1, C), mask=mask[group].reshape(-1, 1))
-    for i in group:
-      np.testing.assert_allclose(mean[i], want[0], **TOL)
-      np.testing.assert_allclose(var[i], want[1], **TOL)
+  _assert_each_group_has_its_statistics(mean, var, x, mask)
 
 
 def test_tuple_axis_name_over_a_2d_mesh_with_groups():
@@ -424,11 +429,7 @@ def test_tuple_axis_name_over_a_2d_mesh_with_groups():
   )
   sharded = jax.device_put((x, mask), NamedSharding(mesh, P(("o", "i"))))
   mean, var = (np.asarray(v) for v in jax.jit(local)(*sharded))
-  for group in NESTED_GROUPS:
-    want = _reference.batch_stats(x[group].reshape(-1, C), mask=mask[group].reshape(-1, 1))
-    for i in group:
-      np.testing.assert_allclose(mean[i], want[0], **TOL)
-      np.testing.assert_allclose(var[i], want[1], **TOL)
+  _assert_each_group_has_its_statistics(mean, var, x, mask)
 
 
 def test_linen_tuple_axis_name_inside_two_nn_vmaps_matches_flax():
