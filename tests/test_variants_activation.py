@@ -213,3 +213,16 @@ def test_relu_gradients_with_minus_inf_padding_equal_those_with_finite_padding(p
   np.testing.assert_array_equal(got[0][6:], 0.0)
   tangents = (jnp.ones_like(x).at[6].set(0.0), jnp.ones(3), jnp.ones(3))
   assert np.isfinite(jax.jvp(loss, (x, scale, bias), tangents)[1])
+
+
+# Regression: relu as a select (`where(u <= 0, 0, u)`) kept XLA from fusing it with the layers
+# around it as it fuses `jax.nn.relu`: a vmapped Equinox CNN's inference took 21 ms, 10 without.
+def test_fused_relu_is_a_maximum_as_jax_nn_relu_is():
+  x = jnp.ones((4, 3))
+  state = jaxbn.init_state(3)
+  for training in (False, True):
+    step = functools.partial(
+        jaxbn.batch_norm, state=state, training=training, activation="relu", implementation="fused"
+    )
+    jaxpr = str(jax.make_jaxpr(lambda x: step(x)[0])(x))  # noqa: B023
+    assert "max" in jaxpr and "select_n" not in jaxpr, training
