@@ -71,19 +71,35 @@ def _negative_branch(s: float, value: jax.Array):
   return s * value if s else jnp.zeros_like(value)
 
 
-def apply(u: jax.Array, activation, negative_slope) -> jax.Array:
-  """``act(u)``; a NaN stays NaN, ``relu(-inf) = 0`` and ``leaky_relu(-inf) = -inf``.
+def activate(s: float, u: jax.Array) -> jax.Array:
+  """``act(u)`` for the slope ``s`` of its negative branch: 1 (none), 0 (relu), else leaky.
 
-  relu is ``max(u, 0)`` itself: XLA fuses it with the layers around it as it
-  does ``jax.nn.relu``, where a select took a vmapped Equinox CNN's inference
-  from 10 to 21 ms. (Its derivative at 0 is not used: the callers' rules gate
-  with ``z > 0``.)
+  A NaN stays NaN, ``relu(-inf) = 0`` and ``leaky_relu(-inf) = -inf``. relu is
+  ``max(u, 0)`` itself: XLA fuses it with the layers around it as it does
+  ``jax.nn.relu``, where a select took a vmapped Equinox CNN's inference from
+  10 to 21 ms. (Its derivative at 0 is not used: the callers' rules gate with
+  ``z > 0``.)
   """
-  if activation is None:
+  if s == 1.0:
     return u
-  if activation == "relu":
+  if s == 0.0:
     return jnp.maximum(u, jnp.zeros_like(u))
-  return jnp.where(u <= 0, _negative_branch(slope(activation, negative_slope), u), u)
+  return jnp.where(u <= 0, s * u, u)
+
+
+def apply(u: jax.Array, activation, negative_slope) -> jax.Array:
+  """``act(u)`` for the ``activation`` argument (see ``activate``)."""
+  return activate(slope(activation, negative_slope), u)
+
+
+def gate(s: float, z, value):
+  """``act'(z) value``: ``value`` where ``z > 0``, else ``s value`` (exactly 0 for relu).
+
+  ``value`` itself without ``z`` (no activation).
+  """
+  if z is None:
+    return value
+  return jnp.where(z > 0, value, _negative_branch(s, value))
 
 
 def add_and_apply(y, residual, activation, negative_slope) -> jax.Array:
@@ -115,7 +131,7 @@ def reference_apply(centered, a, b, residual, activation, negative_slope) -> jax
 @_fused.recomputed(static_argnums=(0,))
 def tangent_from_output(s: float, z: jax.Array, t: jax.Array) -> jax.Array:
   """``act'(z) * t``, recomputed from ``z`` rather than saved as a mask."""
-  return jnp.where(z > 0, t, _negative_branch(s, t))
+  return gate(s, z, t)
 
 
 @_fused.recomputed(static_argnums=(0,))

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbn import _implementations, _validation
 from jaxbn._implementations import LocalOps
+from jaxbn._kernels._layout import is_one
 
 AxisName = Any  # a hashable axis name, or a tuple of them.
 
@@ -293,7 +294,7 @@ def _sharded_moments(x, axes, mask, mesh_axes, *, ops, stored) -> Moments:
 
 def has_one_entry(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
   """Whether ``shape`` holds one entry per feature (a symbolic size is never known to be 1)."""
-  return all(not jax.export.is_symbolic_dim(shape[i]) and shape[i] == 1 for i in axes)
+  return all(is_one(shape[i]) for i in axes)
 
 
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:

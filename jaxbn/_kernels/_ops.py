@@ -13,8 +13,6 @@ They fall back to those fused functions when the kernels are not loaded
 Float64 takes the primitives, whose CPU lowering is then their reference.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +29,7 @@ def _view(x, kept):
   """
   if not _library.available():
     return None
-  entries = math.prod(n for i, n in enumerate(x.shape) if i not in kept)
-  if not jax.export.is_symbolic_dim(entries) and entries == 1:
+  if all(_layout.is_one(n) for i, n in enumerate(x.shape) if i not in kept):
     return None
   return _layout.layout(x.shape, kept)
 

@@ -58,6 +58,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
+from jaxbn import _activation, _fused
 from jaxbn._kernels import _layout, _library
 
 TARGETS = ("jaxbn_shifted_sums", "jaxbn_weighted_sums", "jaxbn_shifted_affine")
@@ -67,31 +68,6 @@ ACTIVATION_CODES = {1.0: 0, 0.0: 1}  # the kernel's Act: identity, relu; other s
 
 # ---------------------------------------------------------------------------
 # References: the XLA formulation of each primitive, with its signature.
-
-
-def masked_value(mask, value):
-  """``value`` where ``mask`` holds, 0 elsewhere; ``value`` itself for no mask."""
-  return value if mask is None else jnp.where(mask, value, jnp.zeros_like(value))
-
-
-def gate(slope: float, z, value):
-  """``act'(z) value``: ``value`` where ``z > 0``, else ``slope value`` (exactly 0 for relu).
-
-  ``value`` itself without ``z``.
-  """
-  if z is None:
-    return value
-  return jnp.where(z > 0, value, jnp.zeros_like(value) if slope == 0.0 else slope * value)
-
-
-def activate(slope: float, u):
-  """``act(u)``: ``u`` (slope 1), ``relu`` (slope 0), or ``leaky_relu``.
-
-  A NaN stays NaN; relu gives 0 for ``u <= 0``, never -0. or ``0 * -inf = NaN``.
-  """
-  if slope == 1.0:
-    return u
-  return jnp.where(u <= 0, jnp.zeros_like(u) if slope == 0.0 else slope * u, u)
 
 
 def open_entries(mask, slope: float, z):
@@ -108,17 +84,13 @@ def open_entries(mask, slope: float, z):
 
 def shifted_sums_reference(x, stored, shift, mask=None, *, layout):
   """``(sum m (x - K), sum m (x - K)^2)`` over the reduction axes, read from ``stored``."""
-  deviation = masked_value(mask, stored.astype(x.dtype) - shift)
-  return (
-      jnp.sum(deviation, layout.reduced, keepdims=True),
-      jnp.sum(deviation * deviation, layout.reduced, keepdims=True),
-  )
+  return _fused.shifted_sums_reference(layout.reduced, stored.astype(x.dtype), shift, mask)
 
 
 def weighted_sums_reference(t, stored, shift, mask=None, z=None, *, layout, slope=1.0):
   """``(sum w t, sum w t (x - K))`` with ``w = m act'(z)``, in the dtype of ``shift``."""
-  weighted = masked_value(mask, gate(slope, z, t.astype(shift.dtype)))
-  deviation = masked_value(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
+  weighted = _fused.masked(mask, _activation.gate(slope, z, t.astype(shift.dtype)))
+  deviation = _fused.masked(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
   return (
       jnp.sum(weighted, layout.reduced, keepdims=True),
       jnp.sum(weighted * deviation, layout.reduced, keepdims=True),
@@ -131,7 +103,7 @@ def shifted_affine_reference(x, stored, shift, a, b, residual=None, *, layout, s
   u = (stored.astype(x.dtype) - shift) * a + b
   if residual is not None:
     u = u + residual.astype(u.dtype)
-  return activate(slope, u).astype(stored.dtype)
+  return _activation.activate(slope, u).astype(stored.dtype)
 
 
 def affine_tangent_reference(u, da, db, stored, shift, z=None, *, layout, slope=1.0):
@@ -139,12 +111,12 @@ def affine_tangent_reference(u, da, db, stored, shift, z=None, *, layout, slope=
   del layout
   terms = [] if u is None else [u]
   if da is not None:
-    deviation = masked_value(open_entries(None, slope, z), stored.astype(shift.dtype) - shift)
+    deviation = _fused.masked(open_entries(None, slope, z), stored.astype(shift.dtype) - shift)
     terms.append(deviation * da)
   if db is not None:
     terms.append(db)
   total = jnp.broadcast_to(sum(terms[1:], terms[0]), stored.shape)
-  return gate(slope, z, total).astype(stored.dtype)
+  return _activation.gate(slope, z, total).astype(stored.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -483,9 +455,9 @@ def _weighted_sums_transpose(cts, *operands, layout, masked, gated, slope, in_ex
   none = [None] * len(operands)
   if not ad.is_undefined_primal(t) or (ct1 is None and ct2 is None):
     return none
-  deviation = masked_value(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
+  deviation = _fused.masked(open_entries(mask, slope, z), stored.astype(shift.dtype) - shift)
   total = jnp.broadcast_to(_add(None if ct2 is None else ct2 * deviation, ct1), stored.shape)
-  t_bar = masked_value(mask, gate(slope, z, total))
+  t_bar = _fused.masked(mask, _activation.gate(slope, z, total))
   return [t_bar.astype(t.aval.dtype)] + none[1:]
 
 
@@ -496,7 +468,7 @@ def _affine_tangent_transpose(ct, *operands, layout, slope, **flags):
   cts = dict(u=None, da=None, db=None)
   if not _is_zero(ct):
     if u is not None and ad.is_undefined_primal(u):
-      cts["u"] = gate(slope, z, ct.astype(u.aval.dtype))
+      cts["u"] = _activation.gate(slope, z, ct.astype(u.aval.dtype))
     needs = {name: v is not None and ad.is_undefined_primal(v) for name, v in (("da", da),
                                                                               ("db", db))}
     if any(needs.values()):  # db_bar = sum act'(z) ct,  da_bar = sum act'(z) ct (x - K)
