@@ -1,9 +1,10 @@
 """Timings of the kernels against XLA, PyTorch and the memory-bound ideal (a development tool).
 
 Run ``python -m benchmarks.kernels [--dtype float32 bfloat16] [--rounds 7]``
-on CPU. All contenders of a row run in one process, taking turns, and each
-time is the median over the rounds of the mean of a few calls after a
-warm-up; the machine's bandwidth varies from run to run, so compare ratios.
+on CPU. All contenders of a row run in one process and are timed as in the
+suite (``runner.time_interleaved``: after warm-up, turns in a shuffled order,
+PyTorch in a phase of its own, freed memory kept by the allocator); each time
+is a median. The machine's bandwidth varies from run to run: compare ratios.
 
 Per input shape (features last, and NCHW with ``axis=1``), with ``N`` the
 bytes of ``x``:
@@ -23,7 +24,7 @@ bytes of ``x``:
 import argparse
 import functools
 import os
-import time
+import statistics
 
 # PyTorch's OpenMP threads would otherwise spin between its calls, taking the
 # cores from XLA's threads that run in turn with them.
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import runner
 from jaxbn import _activation, _fused
 from jaxbn import _kernels as kernels
 from jaxbn._kernels import _primitives
@@ -98,29 +100,8 @@ def torch_step(shape, axis, dtype):
   return run
 
 
-def timed(contenders, rounds, seconds=2e-3):
-  """Median over ``rounds`` of the mean time of a call, the contenders taking turns.
-
-  Each contender makes as many calls per round as take about ``seconds``.
-  """
-  calls = {}
-  for name, run in contenders.items():
-    run()
-    start = time.perf_counter()
-    run()
-    calls[name] = max(1, min(1000, int(seconds / (time.perf_counter() - start))))
-  times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, run in contenders.items():
-      start = time.perf_counter()
-      for _ in range(calls[name]):
-        run()
-      times[name].append((time.perf_counter() - start) / calls[name])
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def blocking(fn, *args):
-  return lambda: jax.block_until_ready(fn(*args))
+def _call(fn, *args):
+  return functools.partial(jax.jit(fn), *args)
 
 
 def measure(shape, axis, dtype, rounds):
@@ -137,24 +118,25 @@ def measure(shape, axis, dtype, rounds):
   xc = x.astype(jnp.float32)
   reference_sums = functools.partial(_primitives.weighted_sums_reference, layout=layout)
   contenders = {
-      "copy": blocking(jax.jit(lambda x: x + 1), x),
-      "sums kernel": blocking(jax.jit(functools.partial(kernels.shifted_sums, axes)), xc, x,
-                              shift, None),
-      "sums xla": blocking(jax.jit(functools.partial(_fused.shifted_sums, axes)), xc, x, shift,
-                           None),
-      "plain sum xla": blocking(jax.jit(lambda x: jnp.sum(x, axes, dtype=jnp.float32)), x),
-      "bwd sums kernel": blocking(
-          jax.jit(functools.partial(_primitives.weighted_sums, layout=layout)), dz, x, shift),
-      "bwd sums xla": blocking(jax.jit(reference_sums), dz, x, shift),
-      "affine kernel": blocking(jax.jit(kernels.shifted_affine), xc, x, shift, shift, shift),
-      "affine xla": blocking(jax.jit(_fused.shifted_affine), xc, x, shift, shift, shift),
-      "step kernels": blocking(forward_and_backward(KERNELS, axis), x, scale, bias, dz),
-      "step fused": blocking(forward_and_backward(FUSED, axis), x, scale, bias, dz),
+      "copy": _call(lambda x: x + 1, x),
+      "sums kernel": _call(functools.partial(kernels.shifted_sums, axes), xc, x, shift, None),
+      "sums xla": _call(functools.partial(_fused.shifted_sums, axes), xc, x, shift, None),
+      "plain sum xla": _call(lambda x: jnp.sum(x, axes, dtype=jnp.float32), x),
+      "bwd sums kernel": _call(
+          functools.partial(_primitives.weighted_sums, layout=layout), dz, x, shift),
+      "bwd sums xla": _call(reference_sums, dz, x, shift),
+      "affine kernel": _call(kernels.shifted_affine, xc, x, shift, shift, shift),
+      "affine xla": _call(_fused.shifted_affine, xc, x, shift, shift, shift),
+      "step kernels": functools.partial(forward_and_backward(KERNELS, axis), x, scale, bias, dz),
+      "step fused": functools.partial(forward_and_backward(FUSED, axis), x, scale, bias, dz),
   }
+  phases = [contenders]
   torch_run = torch_step(shape, axis, dtype)
   if torch_run is not None:
-    contenders["step torch"] = torch_run
-  return timed(contenders, rounds), x.size * x.dtype.itemsize
+    phases.append({"step torch": torch_run})
+  samples = runner.time_interleaved(phases, reps=rounds, warmup=2)
+  seconds = {name: statistics.median(ms) / 1e3 for name, ms in samples.items()}
+  return seconds, x.size * x.dtype.itemsize
 
 
 COLUMNS = (
@@ -192,6 +174,7 @@ def main():
   parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args()
+  runner.retain_freed_memory()
   print(f"jax {jax.__version__}, kernels {kernels.available()} ({kernels.isa()}), "
         f"{os.cpu_count()} CPUs\n")
   print("| " + " | ".join(COLUMNS) + " |")
