@@ -8,18 +8,15 @@ its XLA path and says why.
 """
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from jaxbn import _kernels as kernels
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import _environment
 
 # A forward and backward pass of several layouts with enough entries for
 # many tasks: prints the threads the kernels ran on and a digest of all bits.
@@ -67,16 +64,9 @@ def run_python(code, **env):
 
   One host device: several would size XLA's intra-op pool apart from the CPUs.
   """
-  environment = dict(os.environ, **env)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 environment.pop("XLA_FLAGS", "")).strip()
-  if flags:
-    environment["XLA_FLAGS"] = flags
-  environment["PYTHONPATH"] = os.pathsep.join(
-      p for p in (str(ROOT), environment.get("PYTHONPATH")) if p
-  )
   result = subprocess.run(
-      [sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
+      [sys.executable, "-c", textwrap.dedent(code)], env=_environment.one_device(**env),
+      capture_output=True,
       text=True, timeout=300, check=False,
   )
   assert result.returncode == 0, result.stderr

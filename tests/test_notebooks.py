@@ -7,12 +7,13 @@ is its own test, so ``pytest -n 2`` runs two at a time.
 
 import json
 import math
-import os
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests import _environment
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -21,13 +22,8 @@ CELL_TIMEOUT_S = 300
 
 def _kernel_env(**extra: str) -> dict[str, str]:
   """The environment of a user's kernel: one CPU device, the source tree importable."""
-  env = dict(os.environ)
-  # conftest.py asks for 8 host devices; a reader's kernel has one.
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags)
+  env = _environment.one_device(**extra)
   env.pop("MPLBACKEND", None)  # keep the inline backend, so figures become PNG outputs
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-  env.update(extra)
   return env
 
 
